@@ -1,0 +1,1 @@
+//! The vgpud daemon, REST API and vgpuctl CLI. Empty until the vfio-user and API issues land.

@@ -1,0 +1,1 @@
+//! Snapshot, restore and live migration of vGPU state. Empty until the migration issue lands.

@@ -1,0 +1,1 @@
+//! Reference KVM VMM with `--vgpu`. Empty until the reference-VMM issue lands.
