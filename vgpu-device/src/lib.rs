@@ -9,3 +9,6 @@
 pub mod addr;
 pub mod irq;
 pub mod mem;
+pub mod engine;
+pub mod pci;
+pub mod phys;

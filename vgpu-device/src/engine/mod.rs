@@ -1,0 +1,3 @@
+//! Engines: command decoding and execution, the command scanner and per-engine contexts.
+
+pub mod ops;

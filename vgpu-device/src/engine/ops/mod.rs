@@ -1,0 +1,1 @@
+//! Engine command execution: operations on real bytes.

@@ -1,0 +1,1 @@
+//! PCI function of the vGPU: config space and MSI-X.

@@ -1,0 +1,1 @@
+//! The physical GPU model: local memory, GM partitioning, profiles and admission.
