@@ -323,11 +323,20 @@ pub mod enc {
     /// `MI_BATCH_BUFFER_START`.
     pub const fn batch_start(addr: u64, second_level: bool) -> [u32; 3] {
         let f = if second_level { BBS_SECOND_LEVEL } else { 0 };
-        [header(Client::Mi, MI_BATCH_BUFFER_START, f, 2), lo(addr), hi(addr)]
+        [
+            header(Client::Mi, MI_BATCH_BUFFER_START, f, 2),
+            lo(addr),
+            hi(addr),
+        ]
     }
     /// `MI_STORE_DATA_IMM`.
     pub const fn store_data_imm(addr: u64, value: u32) -> [u32; 4] {
-        [header(Client::Mi, MI_STORE_DATA_IMM, 0, 3), lo(addr), hi(addr), value]
+        [
+            header(Client::Mi, MI_STORE_DATA_IMM, 0, 3),
+            lo(addr),
+            hi(addr),
+            value,
+        ]
     }
     /// `MI_LOAD_REGISTER_IMM` with one register.
     pub const fn load_register_imm(reg: u32, value: u32) -> [u32; 3] {
@@ -335,15 +344,33 @@ pub mod enc {
     }
     /// `MI_STORE_REGISTER_MEM`.
     pub const fn store_register_mem(reg: u32, addr: u64) -> [u32; 4] {
-        [header(Client::Mi, MI_STORE_REGISTER_MEM, 0, 3), reg, lo(addr), hi(addr)]
+        [
+            header(Client::Mi, MI_STORE_REGISTER_MEM, 0, 3),
+            reg,
+            lo(addr),
+            hi(addr),
+        ]
     }
     /// `MI_SEMAPHORE_WAIT`.
     pub const fn semaphore_wait(addr: u64, value: u32, greater_equal: bool) -> [u32; 4] {
         let f = if greater_equal { SEM_GREATER_EQUAL } else { 0 };
-        [header(Client::Mi, MI_SEMAPHORE_WAIT, f, 3), lo(addr), hi(addr), value]
+        [
+            header(Client::Mi, MI_SEMAPHORE_WAIT, f, 3),
+            lo(addr),
+            hi(addr),
+            value,
+        ]
     }
     /// `XY_COLOR_BLT`.
-    pub const fn color_blt(rop: u8, bpp: u32, dst: u64, pitch: u32, w: u32, h: u32, color: u32) -> [u32; 7] {
+    pub const fn color_blt(
+        rop: u8,
+        bpp: u32,
+        dst: u64,
+        pitch: u32,
+        w: u32,
+        h: u32,
+        color: u32,
+    ) -> [u32; 7] {
         [
             header(Client::Blt, XY_COLOR_BLT, 0, 6),
             rop as u32 | (bpp << 8),
@@ -393,12 +420,24 @@ pub mod enc {
     }
     /// `RENDER_SURFACE_STATE`.
     pub const fn surface_state(addr: u64, pitch: u32, w: u32, h: u32, format: u32) -> [u32; 6] {
-        [header(Client::Render, RENDER_SURFACE_STATE, 0, 5), lo(addr), hi(addr), pitch, wh(w, h), format]
+        [
+            header(Client::Render, RENDER_SURFACE_STATE, 0, 5),
+            lo(addr),
+            hi(addr),
+            pitch,
+            wh(w, h),
+            format,
+        ]
     }
     /// `RENDER_FILL_RECT`.
     pub const fn fill_rect(x: u32, y: u32, w: u32, h: u32, argb: u32, blend: bool) -> [u32; 4] {
         let f = if blend { RENDER_BLEND } else { 0 };
-        [header(Client::Render, RENDER_FILL_RECT, f, 3), wh(x, y), wh(w, h), argb]
+        [
+            header(Client::Render, RENDER_FILL_RECT, f, 3),
+            wh(x, y),
+            wh(w, h),
+            argb,
+        ]
     }
     /// `RENDER_TRIANGLE`.
     pub const fn triangle(v: [(u32, u32); 3], argb: u32, blend: bool) -> [u32; 5] {
@@ -483,7 +522,10 @@ mod tests {
     fn test_header_roundtrip_fields() {
         let dw = header(Client::Video, VIDEO_CSC_SCALE, 0x15, 9);
         let h = Header::parse(dw);
-        assert_eq!((h.client, h.opcode, h.flags, h.len), (3, VIDEO_CSC_SCALE, 0x15, 9));
+        assert_eq!(
+            (h.client, h.opcode, h.flags, h.len),
+            (3, VIDEO_CSC_SCALE, 0x15, 9)
+        );
         assert_eq!(enc::noop()[0], 0, "MI_NOOP is the zero dword");
     }
 
@@ -491,10 +533,26 @@ mod tests {
     fn test_encoders_match_fixed_len() {
         let cases: [(&[u32], Client, u32); 5] = [
             (&enc::store_data_imm(0, 0), Client::Mi, MI_STORE_DATA_IMM),
-            (&enc::color_blt(0, 0, 0, 0, 0, 0, 0), Client::Blt, XY_COLOR_BLT),
-            (&enc::triangle([(0, 0); 3], 0, false), Client::Render, RENDER_TRIANGLE),
-            (&enc::surface_state(0, 0, 0, 0, 0), Client::Render, RENDER_SURFACE_STATE),
-            (&enc::batch_start(0, false), Client::Mi, MI_BATCH_BUFFER_START),
+            (
+                &enc::color_blt(0, 0, 0, 0, 0, 0, 0),
+                Client::Blt,
+                XY_COLOR_BLT,
+            ),
+            (
+                &enc::triangle([(0, 0); 3], 0, false),
+                Client::Render,
+                RENDER_TRIANGLE,
+            ),
+            (
+                &enc::surface_state(0, 0, 0, 0, 0),
+                Client::Render,
+                RENDER_SURFACE_STATE,
+            ),
+            (
+                &enc::batch_start(0, false),
+                Client::Mi,
+                MI_BATCH_BUFFER_START,
+            ),
         ];
         for (dws, c, op) in cases {
             let h = Header::parse(dws[0]);

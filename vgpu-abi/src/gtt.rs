@@ -84,12 +84,20 @@ impl Pte {
 
 /// A valid, writable entry for local-memory offset `off`.
 pub const fn pte_local(off: u64) -> u64 {
-    Pte { target: PteTarget::Local(off), read_only: false }.encode()
+    Pte {
+        target: PteTarget::Local(off),
+        read_only: false,
+    }
+    .encode()
 }
 
 /// A valid, writable entry for guest-physical address `gpa`.
 pub const fn pte_guest(gpa: u64) -> u64 {
-    Pte { target: PteTarget::GuestPhys(gpa), read_only: false }.encode()
+    Pte {
+        target: PteTarget::GuestPhys(gpa),
+        read_only: false,
+    }
+    .encode()
 }
 
 /// Number of PPGTT levels. Level 4 is the root, level 1 maps pages.
@@ -110,15 +118,27 @@ mod tests {
 
     #[test]
     fn test_pte_roundtrip_local_and_guest() {
-        let p = Pte { target: PteTarget::Local(0x1234_5000), read_only: true };
+        let p = Pte {
+            target: PteTarget::Local(0x1234_5000),
+            read_only: true,
+        };
         assert_eq!(Pte::decode(p.encode()), Ok(p));
-        assert_eq!(Pte::decode(pte_guest(0x8000)).unwrap().target, PteTarget::GuestPhys(0x8000));
+        assert_eq!(
+            Pte::decode(pte_guest(0x8000)).unwrap().target,
+            PteTarget::GuestPhys(0x8000)
+        );
     }
 
     #[test]
     fn test_pte_decode_rejects_reserved_and_invalid() {
-        assert_eq!(Pte::decode(pte_guest(0x8000) | 1 << 5), Err(PteError::ReservedBits));
-        assert_eq!(Pte::decode(pte_guest(0x8000) | 1 << 60), Err(PteError::ReservedBits));
+        assert_eq!(
+            Pte::decode(pte_guest(0x8000) | 1 << 5),
+            Err(PteError::ReservedBits)
+        );
+        assert_eq!(
+            Pte::decode(pte_guest(0x8000) | 1 << 60),
+            Err(PteError::ReservedBits)
+        );
         assert_eq!(Pte::decode(0x8000), Err(PteError::NotPresent));
     }
 

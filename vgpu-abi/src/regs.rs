@@ -228,7 +228,13 @@ pub const PLANE_STRIDE: u32 = 0x2018;
 pub const PLANE_FLIP_COUNT: u32 = 0x201C;
 
 const fn r(name: &'static str, offset: u32, access: Access, reset: u32, lri: bool) -> RegInfo {
-    RegInfo { name, offset, access, reset, lri }
+    RegInfo {
+        name,
+        offset,
+        access,
+        reset,
+        lri,
+    }
 }
 
 /// Global and display registers, in offset order.
@@ -250,14 +256,50 @@ pub const GLOBAL_REGISTERS: &[RegInfo] = &[
     r("PV_VERSION", PV_VERSION, Access::Ro, 1, false),
     r("PV_VGPU_ID", PV_VGPU_ID, Access::Ro, 0, false),
     r("PV_ENGINE_MASK", PV_ENGINE_MASK, Access::Ro, 0, false),
-    r("PV_MAPPABLE_BASE_LO", PV_MAPPABLE_BASE, Access::Ro, 0, false),
-    r("PV_MAPPABLE_BASE_HI", PV_MAPPABLE_BASE + 4, Access::Ro, 0, false),
-    r("PV_MAPPABLE_SIZE_LO", PV_MAPPABLE_SIZE, Access::Ro, 0, false),
-    r("PV_MAPPABLE_SIZE_HI", PV_MAPPABLE_SIZE + 4, Access::Ro, 0, false),
+    r(
+        "PV_MAPPABLE_BASE_LO",
+        PV_MAPPABLE_BASE,
+        Access::Ro,
+        0,
+        false,
+    ),
+    r(
+        "PV_MAPPABLE_BASE_HI",
+        PV_MAPPABLE_BASE + 4,
+        Access::Ro,
+        0,
+        false,
+    ),
+    r(
+        "PV_MAPPABLE_SIZE_LO",
+        PV_MAPPABLE_SIZE,
+        Access::Ro,
+        0,
+        false,
+    ),
+    r(
+        "PV_MAPPABLE_SIZE_HI",
+        PV_MAPPABLE_SIZE + 4,
+        Access::Ro,
+        0,
+        false,
+    ),
     r("PV_HIDDEN_BASE_LO", PV_HIDDEN_BASE, Access::Ro, 0, false),
-    r("PV_HIDDEN_BASE_HI", PV_HIDDEN_BASE + 4, Access::Ro, 0, false),
+    r(
+        "PV_HIDDEN_BASE_HI",
+        PV_HIDDEN_BASE + 4,
+        Access::Ro,
+        0,
+        false,
+    ),
     r("PV_HIDDEN_SIZE_LO", PV_HIDDEN_SIZE, Access::Ro, 0, false),
-    r("PV_HIDDEN_SIZE_HI", PV_HIDDEN_SIZE + 4, Access::Ro, 0, false),
+    r(
+        "PV_HIDDEN_SIZE_HI",
+        PV_HIDDEN_SIZE + 4,
+        Access::Ro,
+        0,
+        false,
+    ),
     r("PV_LMEM_SIZE_LO", PV_LMEM_SIZE, Access::Ro, 0, false),
     r("PV_LMEM_SIZE_HI", PV_LMEM_SIZE + 4, Access::Ro, 0, false),
     r("PV_MAX_WIDTH", PV_MAX_WIDTH, Access::Ro, 0, false),
@@ -285,7 +327,13 @@ pub const ENGINE_REGISTERS: &[RegInfo] = &[
     r("ACTHD_LO", ACTHD_LO, Access::Ro, 0, false),
     r("ACTHD_HI", ACTHD_HI, Access::Ro, 0, false),
     r("LAST_FENCE", LAST_FENCE, Access::Ro, 0, false),
-    r("ENGINE_STATUS", ENGINE_STATUS, Access::Ro, ENGINE_STATUS_IDLE, false),
+    r(
+        "ENGINE_STATUS",
+        ENGINE_STATUS,
+        Access::Ro,
+        ENGINE_STATUS_IDLE,
+        false,
+    ),
     r("PPGTT_ROOT_LO", PPGTT_ROOT_LO, Access::Rw, 0, false),
     r("PPGTT_ROOT_HI", PPGTT_ROOT_HI, Access::Rw, 0, false),
     r("ERROR_CODE", ERROR_CODE, Access::Ro, 0, false),
@@ -338,7 +386,11 @@ mod tests {
     fn test_register_offsets_unique_and_aligned() {
         for (i, a) in GLOBAL_REGISTERS.iter().enumerate() {
             assert_eq!(a.offset % 4, 0, "{}", a.name);
-            assert!(a.offset < 0x1000 || a.offset >= 0x2000, "{} collides with engine blocks", a.name);
+            assert!(
+                a.offset < 0x1000 || a.offset >= 0x2000,
+                "{} collides with engine blocks",
+                a.name
+            );
             for b in &GLOBAL_REGISTERS[i + 1..] {
                 assert_ne!(a.offset, b.offset, "{} vs {}", a.name, b.name);
             }

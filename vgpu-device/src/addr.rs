@@ -80,7 +80,9 @@ address_type!(
 pub struct RegOffset(pub u32);
 
 /// A half-open range `[start, start + size)` of graphics memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct GmRange {
     /// First address.
     pub start: GmAddr,
@@ -115,10 +117,25 @@ mod tests {
 
     #[test]
     fn test_gm_range_contains_is_half_open() {
-        let r = GmRange { start: GmAddr(0x1000), size: 0x2000 };
+        let r = GmRange {
+            start: GmAddr(0x1000),
+            size: 0x2000,
+        };
         assert!(r.contains(GmAddr(0x1000)));
         assert!(r.contains(GmAddr(0x2fff)));
         assert!(!r.contains(GmAddr(0x3000)));
         assert!(!r.contains(GmAddr(0xfff)));
     }
+}
+
+/// The low 32 bits of `v`.
+#[allow(clippy::cast_possible_truncation)] // Masked to 32 bits first.
+pub const fn lo32(v: u64) -> u32 {
+    (v & 0xFFFF_FFFF) as u32
+}
+
+/// The high 32 bits of `v`.
+#[allow(clippy::cast_possible_truncation)] // Shifted down to 32 bits first.
+pub const fn hi32(v: u64) -> u32 {
+    (v >> 32) as u32
 }

@@ -7,8 +7,12 @@
 //! tests. The guest-visible contract is the `vgpu-abi` crate and `docs/device-spec.md`.
 
 pub mod addr;
+pub mod audit;
+pub mod dma;
+pub mod driver;
+pub mod engine;
 pub mod irq;
 pub mod mem;
-pub mod engine;
 pub mod pci;
 pub mod phys;
+pub mod vgpu;

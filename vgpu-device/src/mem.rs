@@ -140,7 +140,11 @@ pub struct Mem<'a> {
 impl<'a> Mem<'a> {
     /// Accesses memory through `t`.
     pub fn new(t: &'a mut dyn Translate) -> Self {
-        Mem { t, last_read: None, last_write: None }
+        Mem {
+            t,
+            last_read: None,
+            last_write: None,
+        }
     }
 
     fn page(&mut self, va: u64, access: Access) -> Result<HostPage, Fault> {
@@ -179,7 +183,10 @@ impl<'a> Mem<'a> {
         if len == 0 {
             return Ok(());
         }
-        let end = va.raw().checked_add(len).ok_or(Fault { va, kind: FaultKind::Overflow })?;
+        let end = va.raw().checked_add(len).ok_or(Fault {
+            va,
+            kind: FaultKind::Overflow,
+        })?;
         // Validate first: all or nothing.
         let mut a = va.raw();
         while a < end {
@@ -253,7 +260,9 @@ impl<'a> Mem<'a> {
         while done < len {
             let s = src.raw() + done;
             let d = dst.raw() + done;
-            let n = (PAGE_SIZE - s % PAGE_SIZE).min(PAGE_SIZE - d % PAGE_SIZE).min(len - done);
+            let n = (PAGE_SIZE - s % PAGE_SIZE)
+                .min(PAGE_SIZE - d % PAGE_SIZE)
+                .min(len - done);
             let sp = self.page(s, Access::Read)?;
             let dp = self.page(d, Access::Write)?;
             // SAFETY: both pages are valid for PAGE_SIZE bytes; offsets + n stay inside them.
@@ -287,7 +296,13 @@ impl BufferTranslate {
     /// multiple of 7 (a fixed scramble), else identity.
     pub fn scrambled(pages: usize) -> Self {
         let map = (0..pages)
-            .map(|i| Some(if pages % 7 != 0 { (i * 7 + 3) % pages } else { i }))
+            .map(|i| {
+                Some(if pages % 7 != 0 {
+                    (i * 7 + 3) % pages
+                } else {
+                    i
+                })
+            })
             .collect();
         BufferTranslate {
             buf: vec![0; pages * PAGE_SIZE as usize],
@@ -313,15 +328,19 @@ impl BufferTranslate {
 
 impl Translate for BufferTranslate {
     fn translate(&mut self, va: GpuVa, access: Access) -> Result<HostPage, Fault> {
-        let i = usize::try_from(va.page()).map_err(|_| Fault { va, kind: FaultKind::NotMapped })?;
-        let p = self
-            .map
-            .get(i)
-            .copied()
-            .flatten()
-            .ok_or(Fault { va, kind: FaultKind::NotMapped })?;
+        let i = usize::try_from(va.page()).map_err(|_| Fault {
+            va,
+            kind: FaultKind::NotMapped,
+        })?;
+        let p = self.map.get(i).copied().flatten().ok_or(Fault {
+            va,
+            kind: FaultKind::NotMapped,
+        })?;
         if access == Access::Write && self.read_only[i] {
-            return Err(Fault { va, kind: FaultKind::ReadOnly });
+            return Err(Fault {
+                va,
+                kind: FaultKind::ReadOnly,
+            });
         }
         let off = p * PAGE_SIZE as usize;
         // SAFETY: `off + PAGE_SIZE <= buf.len()`; the buffer lives as long as `self`, which the
@@ -357,7 +376,11 @@ mod tests {
         let err = m.write(GpuVa(4000), &[0xAA; 5000]).unwrap_err();
         assert_eq!(err.kind, FaultKind::NotMapped);
         assert_eq!(err.va, GpuVa(2 * PAGE_SIZE));
-        assert_eq!(m.read_u32(GpuVa(4000)).unwrap(), 0, "nothing written before the fault");
+        assert_eq!(
+            m.read_u32(GpuVa(4000)).unwrap(),
+            0,
+            "nothing written before the fault"
+        );
     }
 
     #[test]
