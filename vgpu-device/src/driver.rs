@@ -295,3 +295,34 @@ impl DeviceAccess for Inline<'_> {
         crate::engine::exec::run_until_idle(self.0.shared(), 1000);
     }
 }
+
+/// [`DeviceAccess`] to a vGPU behind a mutex whose engines a [`crate::sched::Scheduler`] runs;
+/// `progress` just yields for a moment.
+#[derive(Clone)]
+pub struct Locked(pub std::sync::Arc<std::sync::Mutex<crate::vgpu::Vgpu>>);
+
+impl Locked {
+    fn dev(&self) -> std::sync::MutexGuard<'_, crate::vgpu::Vgpu> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl DeviceAccess for Locked {
+    fn bar0_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.dev().bar0_read(offset, data);
+    }
+    fn bar0_write(&mut self, offset: u64, data: &[u8]) {
+        self.dev().bar0_write(offset, data);
+    }
+    fn bar2_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.dev().bar2_read(offset, data);
+    }
+    fn bar2_write(&mut self, offset: u64, data: &[u8]) {
+        self.dev().bar2_write(offset, data);
+    }
+    fn progress(&mut self) {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}

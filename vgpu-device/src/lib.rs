@@ -15,4 +15,5 @@ pub mod irq;
 pub mod mem;
 pub mod pci;
 pub mod phys;
+pub mod sched;
 pub mod vgpu;

@@ -1,0 +1,165 @@
+//! The worker thread of one physical engine: picks a context, runs a slice, accounts it,
+//! and watches for hung contexts.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use vgpu_abi::cmd::AuditReason;
+use vgpu_abi::Engine;
+
+use crate::audit::Violation;
+use crate::engine::context::ResetKind;
+use crate::engine::exec::{run_slice, SliceEnd};
+use crate::engine::translate::Tlb;
+use crate::sched::trace::TraceEvent;
+use crate::sched::Inner;
+use crate::vgpu::shared::VgpuShared;
+
+/// How often a waiting context's semaphore is polled when nothing else runs.
+const POLL: Duration = Duration::from_micros(200);
+/// Longest sleep of an idle worker (watchdog sweeps and window accounting still happen).
+const IDLE_SLEEP: Duration = Duration::from_millis(20);
+
+/// Resets a hung context: error state with `Watchdog`, ring disabled, work dropped, audit
+/// event, `intr_reset`.
+pub(crate) fn watchdog_reset(v: &VgpuShared, e: Engine, waited: Duration) {
+    let ctx = v.engine(e);
+    let viol = Violation {
+        addr: ctx.acthd(),
+        header: 0,
+        reason: AuditReason::Watchdog,
+        detail: format!("context hung for {} ms", waited.as_millis()),
+    };
+    {
+        let mut st = ctx.state();
+        ctx.set_error(&mut st, AuditReason::Watchdog, 0, ctx.acthd(), true);
+    }
+    ctx.reset(ResetKind::Watchdog);
+    v.audit.record(v.id(), e, &viol);
+    v.intr.raise(vgpu_abi::regs::intr_reset(e));
+}
+
+fn end_name(end: SliceEnd) -> &'static str {
+    match end {
+        SliceEnd::Idle => "idle",
+        SliceEnd::Preempted => "preempted",
+        SliceEnd::Waiting => "waiting",
+        SliceEnd::Stopped => "stopped",
+        SliceEnd::Faulted => "faulted",
+    }
+}
+
+pub(crate) fn run(inner: &Arc<Inner>, e: Engine) {
+    let slot = &inner.engines[e.index()];
+    let mut tlb = Tlb::default();
+    let mut last = Instant::now();
+    loop {
+        if inner.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let watchdog = Duration::from_nanos(inner.watchdog_ns.load(Ordering::Acquire));
+        // Pick under the queue lock.
+        let picked = {
+            let mut q = slot.lock();
+            let now = Instant::now();
+            q.rq.tick(now - last);
+            last = now;
+            q.kicked = false;
+            let mut runnable = Vec::new();
+            let mut waiting_only = Vec::new();
+            let mut hung = Vec::new();
+            for (id, v) in &q.vgpus {
+                let ctx = v.engine(e);
+                let st = ctx.state();
+                if st.pending.is_empty() {
+                    continue;
+                }
+                match st.wait_since {
+                    Some(t) if now.duration_since(t) > watchdog => {
+                        hung.push((v.clone(), now.duration_since(t)))
+                    }
+                    Some(_) => waiting_only.push(*id),
+                    None => runnable.push(*id),
+                }
+            }
+            drop(q);
+            for (v, waited) in hung {
+                tracing::warn!(vgpu = v.id(), engine = e.name(), "watchdog reset");
+                watchdog_reset(&v, e, waited);
+                inner.trace.push(TraceEvent {
+                    t_us: micros(inner.start.elapsed()),
+                    engine: e.name().into(),
+                    vgpu: v.id(),
+                    dur_us: 0,
+                    commands: 0,
+                    why: "watchdog".into(),
+                    end: "watchdog".into(),
+                });
+            }
+            let mut q = slot.lock();
+            let mut busy: Vec<u32> = runnable.iter().chain(&waiting_only).copied().collect();
+            busy.sort_unstable();
+            for id in &busy {
+                if q.busy.binary_search(id).is_err() {
+                    q.rq.wake(*id, &busy);
+                }
+            }
+            q.busy = busy;
+            let pick =
+                q.rq.pick(&runnable)
+                    .map(|(id, why)| (id, why.name()))
+                    .or_else(|| {
+                        // Nothing else to run: poll a waiting context (round robin by virtual time).
+                        q.rq.pick(&waiting_only).map(|(id, _)| (id, "poll"))
+                    });
+            match pick.and_then(|(id, why)| q.vgpus.get(&id).cloned().map(|v| (v, why))) {
+                Some((v, why)) => {
+                    q.running = Some(v.id());
+                    Some((v, why, !runnable.is_empty()))
+                }
+                None => {
+                    let sleep = if waiting_only.is_empty() && runnable.is_empty() {
+                        IDLE_SLEEP
+                    } else {
+                        POLL
+                    };
+                    if !q.kicked {
+                        let _ = slot
+                            .cv
+                            .wait_timeout(q, sleep)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    }
+                    None
+                }
+            }
+        };
+        let Some((v, why, _)) = picked else { continue };
+        let slice = Duration::from_nanos(inner.slice_ns.load(Ordering::Acquire));
+        let t = inner.start.elapsed();
+        let r = run_slice(&v, e, &mut tlb, slice);
+        {
+            let mut q = slot.lock();
+            q.rq.charge(v.id(), r.busy);
+            q.running = None;
+        }
+        slot.cv.notify_all();
+        inner.trace.push(TraceEvent {
+            t_us: micros(t),
+            engine: e.name().into(),
+            vgpu: v.id(),
+            dur_us: micros(r.busy),
+            commands: r.commands,
+            why: why.into(),
+            end: end_name(r.end).into(),
+        });
+        if r.end == SliceEnd::Waiting && why == "poll" {
+            // Only waiting contexts: don't spin.
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
