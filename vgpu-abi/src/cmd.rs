@@ -557,7 +557,7 @@ mod tests {
         for (dws, c, op) in cases {
             let h = Header::parse(dws[0]);
             assert_eq!(Some(h.len), fixed_len(c, op));
-            assert_eq!(dws.len() as u32, h.len + 1);
+            assert_eq!(u32::try_from(dws.len()).unwrap(), h.len + 1);
         }
     }
 

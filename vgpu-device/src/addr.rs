@@ -101,6 +101,18 @@ impl GmRange {
     }
 }
 
+/// The low 32 bits of `v`.
+#[allow(clippy::cast_possible_truncation)] // Masked to 32 bits first.
+pub const fn lo32(v: u64) -> u32 {
+    (v & 0xFFFF_FFFF) as u32
+}
+
+/// The high 32 bits of `v`.
+#[allow(clippy::cast_possible_truncation)] // Shifted down to 32 bits first.
+pub const fn hi32(v: u64) -> u32 {
+    (v >> 32) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,16 +138,4 @@ mod tests {
         assert!(!r.contains(GmAddr(0x3000)));
         assert!(!r.contains(GmAddr(0xfff)));
     }
-}
-
-/// The low 32 bits of `v`.
-#[allow(clippy::cast_possible_truncation)] // Masked to 32 bits first.
-pub const fn lo32(v: u64) -> u32 {
-    (v & 0xFFFF_FFFF) as u32
-}
-
-/// The high 32 bits of `v`.
-#[allow(clippy::cast_possible_truncation)] // Shifted down to 32 bits first.
-pub const fn hi32(v: u64) -> u32 {
-    (v >> 32) as u32
 }

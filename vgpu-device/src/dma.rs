@@ -117,9 +117,9 @@ impl DmaMap {
         if size == 0
             || end.is_none()
             || !gpa.is_page_aligned()
-            || size % PAGE_SIZE != 0
-            || offset % PAGE_SIZE != 0
-            || (mapping.as_ptr() as usize) % (PAGE_SIZE as usize) != 0
+            || !size.is_multiple_of(PAGE_SIZE)
+            || !offset.is_multiple_of(PAGE_SIZE)
+            || !(mapping.as_ptr() as u64).is_multiple_of(PAGE_SIZE)
         {
             return Err(DmaError::Misaligned { gpa, size });
         }

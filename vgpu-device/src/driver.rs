@@ -81,6 +81,9 @@ pub struct Driver<A: DeviceAccess> {
     rings: [Option<RingInfo>; Engine::COUNT],
 }
 
+/// Size of each ring [`Driver::setup_ring`] sets up.
+pub const RING_BYTES: u32 = 16 * 1024;
+
 /// Local-memory offset reserved by [`Driver::setup_ring`] for engine `e`'s ring (the top of
 /// local memory, 16 KiB per engine).
 pub fn ring_lmem_offset(lmem_size: u64, e: Engine) -> u64 {
@@ -181,7 +184,7 @@ impl<A: DeviceAccess> Driver<A> {
     /// Sets up and enables engine `e`'s 16 KiB ring at the top of local memory.
     pub fn setup_ring(&mut self, e: Engine) -> Result<(), DriverError> {
         let off = ring_lmem_offset(self.pv.lmem_size, e);
-        let size = 4 * PAGE_SIZE as u32;
+        let size = RING_BYTES;
         let gm = self.gm_of_lmem(off);
         let b = regs::engine_base(e);
         self.write32(b + regs::RING_CTL, 0);

@@ -281,6 +281,9 @@ impl<'a> Mem<'a> {
     }
 }
 
+/// `PAGE_SIZE` as a `usize`.
+const PAGE: usize = 4096;
+
 /// A translator over a plain host buffer, for tests and reference runs: page `i` of the address
 /// space maps to page `map[i]` of the buffer (so contiguous addresses are scattered in memory,
 /// as they are behind a real GTT). Unmapped pages fault.
@@ -297,7 +300,7 @@ impl BufferTranslate {
     pub fn scrambled(pages: usize) -> Self {
         let map = (0..pages)
             .map(|i| {
-                Some(if pages % 7 != 0 {
+                Some(if !pages.is_multiple_of(7) {
                     (i * 7 + 3) % pages
                 } else {
                     i
@@ -305,7 +308,7 @@ impl BufferTranslate {
             })
             .collect();
         BufferTranslate {
-            buf: vec![0; pages * PAGE_SIZE as usize],
+            buf: vec![0; pages * PAGE],
             map,
             read_only: vec![false; pages],
         }
@@ -342,7 +345,7 @@ impl Translate for BufferTranslate {
                 kind: FaultKind::ReadOnly,
             });
         }
-        let off = p * PAGE_SIZE as usize;
+        let off = p * PAGE;
         // SAFETY: `off + PAGE_SIZE <= buf.len()`; the buffer lives as long as `self`, which the
         // caller borrows mutably while it uses the page.
         let ptr = unsafe { NonNull::new_unchecked(self.buf.as_mut_ptr().add(off)) };

@@ -1,5 +1,6 @@
 //! The scheduler with real engine threads: concurrency across engines, watchdog isolation,
 //! runtime parameter changes.
+#![allow(clippy::cast_possible_truncation, clippy::drop_non_drop)] // Test arithmetic on small known values.
 
 mod common;
 

@@ -41,7 +41,9 @@ pub fn lri_allowed(engine: Engine, reg: u32) -> bool {
     matches!(
         reg,
         regs::SCRATCH0 | regs::SCRATCH1 | regs::PLANE_SURF_LO | regs::PLANE_SURF_HI
-    ) || (reg >= base + regs::gpr(0) && reg < base + regs::gpr(regs::GPR_COUNT) && reg % 4 == 0)
+    ) || (reg >= base + regs::gpr(0)
+        && reg < base + regs::gpr(regs::GPR_COUNT)
+        && reg.is_multiple_of(4))
 }
 
 /// Whether `reg` may be stored by `MI_STORE_REGISTER_MEM` on `engine`.
@@ -125,7 +127,7 @@ impl Scan<'_, '_> {
         }
         let a64 = |i: usize| GpuVa(u64::from(dws[i]) | u64::from(dws[i + 1]) << 32);
         let aligned = |va: GpuVa| {
-            if va.raw() % 4 == 0 {
+            if va.raw().is_multiple_of(4) {
                 Ok(va)
             } else {
                 Err(v(AuditReason::BadParameter, "address not dword aligned"))
@@ -170,7 +172,7 @@ impl Scan<'_, '_> {
                 );
             }
             cmd::MI_LOAD_REGISTER_IMM => {
-                if h.len == 0 || h.len % 2 != 0 || h.len > 2 * cmd::LRI_MAX_PAIRS {
+                if h.len == 0 || !h.len.is_multiple_of(2) || h.len > 2 * cmd::LRI_MAX_PAIRS {
                     return Err(v(AuditReason::BadLength, "bad register-pair count"));
                 }
                 let mut pairs = Vec::with_capacity(dws.len() / 2);

@@ -140,12 +140,10 @@ fn page_from_bits(e: u64) -> Result<HostPage, FaultKind> {
 
 fn read_entry(page: HostPage, index: u64) -> u64 {
     let mut b = [0u8; 8];
-    // SAFETY: `page` is valid for PAGE_SIZE bytes and `index < 512`, so 8 bytes at
-    // `index * 8` are inside it. Guest memory may change concurrently; we read a snapshot.
-    #[allow(clippy::cast_possible_truncation)] // index < 512.
-    unsafe {
-        std::ptr::copy_nonoverlapping(page.as_ptr().add((index * 8) as usize), b.as_mut_ptr(), 8)
-    };
+    let off = usize::try_from(index % PPGTT_ENTRIES * 8).unwrap_or(0);
+    // SAFETY: `page` is valid for PAGE_SIZE bytes and `off + 8 <= 512 * 8 = PAGE_SIZE`.
+    // Guest memory may change concurrently; we read a snapshot.
+    unsafe { std::ptr::copy_nonoverlapping(page.as_ptr().add(off), b.as_mut_ptr(), 8) };
     u64::from_le_bytes(b)
 }
 

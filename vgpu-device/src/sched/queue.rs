@@ -196,7 +196,7 @@ impl RunQueue {
                 cands.min_by_key(|e| e.vtime).map(|e| (e.id, Why::Fair))
             }
             Policy::FixedShare => {
-                let win = u128::try_from(WINDOW.as_nanos()).unwrap_or(u128::MAX);
+                let win = WINDOW.as_nanos();
                 let cands: Vec<&Entry> = cands
                     .filter(|e| u128::from(e.window_ns) * 100 < win * u128::from(e.params.cap_pct))
                     .collect();
@@ -281,7 +281,7 @@ mod tests {
         let mut q = RunQueue::default();
         for (i, w) in [1, 2, 3, 4].into_iter().enumerate() {
             q.add(
-                i as u32,
+                u32::try_from(i).unwrap(),
                 SchedParams {
                     weight: w,
                     ..Default::default()

@@ -298,7 +298,7 @@ impl Vgpu {
             return;
         }
         let (base, size) = self.ring_regs(e);
-        if tail % 4 != 0 || tail >= size {
+        if !tail.is_multiple_of(4) || tail >= size {
             let v = Violation {
                 addr: u64::from(tail),
                 header: 0,

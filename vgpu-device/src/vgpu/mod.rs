@@ -84,7 +84,7 @@ impl Vgpu {
 
     /// Tears the vGPU down and returns its partition (for `PhysGpu::release`, which scrubs it).
     /// Fails while an engine worker still holds the vGPU.
-    pub fn into_partition(self) -> Result<Partition, (Self, VgpuError)> {
+    pub fn into_partition(self) -> Result<Partition, Box<(Self, VgpuError)>> {
         let id = self.id();
         self.shared.set_notify(None);
         for e in Engine::ALL {
@@ -93,7 +93,7 @@ impl Vgpu {
         let Vgpu { shared, config } = self;
         match Arc::try_unwrap(shared) {
             Ok(s) => Ok(s.into_partition()),
-            Err(shared) => Err((Vgpu { shared, config }, VgpuError::Busy(id))),
+            Err(shared) => Err(Box::new((Vgpu { shared, config }, VgpuError::Busy(id)))),
         }
     }
 
