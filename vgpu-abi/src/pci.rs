@@ -38,7 +38,8 @@ pub const GM_SIZE: u64 = (GGTT_SIZE / 8) * crate::PAGE_SIZE;
 /// GM addresses below this bound are the mappable (low) half of GM, the rest is hidden GM.
 pub const GM_MAPPABLE_END: u64 = GM_SIZE / 2;
 
-/// Number of MSI-X vectors: one per engine, plus one for device events (display, reset, GTT faults).
+/// Number of MSI-X vectors: one per engine (user interrupt, error, watchdog reset of that engine),
+/// plus one for device events (GTT faults, display flips).
 pub const MSIX_VECTORS: u16 = 5;
 /// MSI-X vector raised for device-level events (see [`crate::regs::INTR_DEVICE`]).
 pub const MSIX_VECTOR_DEVICE: u16 = 4;

@@ -29,7 +29,8 @@ pub struct RegInfo {
     pub offset: u32,
     /// Guest access.
     pub access: Access,
-    /// Value after reset (for `Ro` registers filled by the device: the value it starts with).
+    /// Value after reset. `PV_*` registers other than `PV_MAGIC`/`PV_VERSION` hold values of the
+    /// vGPU's profile and partition instead (see `docs/device-spec.md`, section 6).
     pub reset: u32,
     /// Whether the register is loadable from a command stream with `MI_LOAD_REGISTER_IMM`.
     pub lri: bool,
@@ -55,8 +56,10 @@ pub const CAPS_VALUE: u32 = CAPS_PPGTT | CAPS_DISPLAY | CAPS_SEMAPHORE;
 /// Reset control (write-only, reads 0): [`RESET_DEVICE`] or `RESET_ENGINE(e)` bits. Resets are
 /// synchronous: when the write completes the reset is done.
 pub const RESET_CTL: u32 = 0x0010;
-/// Full vGPU reset: all engines, rings, contexts, interrupts, GGTT entries of hidden GM and the
-/// display plane return to their reset values; local memory is kept.
+/// Full vGPU reset: engines, rings, contexts (PPGTT roots, error state), interrupt status and
+/// mask, scratch registers, the display plane and the GGTT (mappable range 1:1 onto local memory,
+/// hidden range unmapped) return to their reset values; local memory and PCI config space
+/// (including MSI-X) are kept.
 pub const RESET_DEVICE: u32 = 1 << 0;
 /// Reset of one engine: its ring is disabled, pending work dropped, error state cleared.
 pub const fn reset_engine(e: Engine) -> u32 {
@@ -162,7 +165,8 @@ pub const RING_CTL_ENABLE: u32 = 1 << 0;
 /// Ring head: byte offset of the next command the engine fetches (read-only).
 pub const RING_HEAD: u32 = 0x10;
 /// Ring tail: byte offset one past the last command the driver submitted, dword aligned. A write
-/// is the doorbell: the commands between HEAD and the new TAIL are scanned and queued.
+/// is the doorbell: the commands from the previous TAIL to the new one (wrapping) are scanned and
+/// queued as one submission.
 pub const RING_TAIL: u32 = 0x14;
 /// GM (or PPGTT) address of the command the engine executed last, low half (read-only).
 pub const ACTHD_LO: u32 = 0x18;
