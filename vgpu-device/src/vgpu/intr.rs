@@ -15,6 +15,9 @@ struct Delivery {
     msix: Msix,
     control: MsixControl,
     sink: Arc<dyn InterruptSink>,
+    /// The VMM emulates the MSI-X table itself (vfio-user clients do): vectors go straight to
+    /// the sink, which applies the VMM's masking.
+    external: bool,
 }
 
 /// `INTR_STATUS`, `INTR_MASK` and the MSI-X function behind them.
@@ -33,6 +36,7 @@ impl Default for Interrupts {
                 msix: Msix::new(),
                 control: MsixControl::default(),
                 sink: Arc::new(NoInterrupts),
+                external: false,
             }),
         }
     }
@@ -75,9 +79,15 @@ impl Interrupts {
             msix,
             control,
             sink,
+            external,
         } = &mut *d;
         for v in 0..16u16 {
-            if vectors & (1 << v) != 0 {
+            if vectors & (1 << v) == 0 {
+                continue;
+            }
+            if *external {
+                sink.trigger(v);
+            } else {
                 msix.trigger(v, control.enabled, control.function_masked, sink.as_ref());
             }
         }
@@ -110,6 +120,12 @@ impl Interrupts {
         self.delivery().sink = sink;
     }
 
+    /// Routes vectors straight to the sink (the VMM emulates the MSI-X table and masking, as
+    /// vfio-user clients do) or through the device's own MSI-X table (in-process embedding).
+    pub fn set_external_msix(&self, external: bool) {
+        self.delivery().external = external;
+    }
+
     /// Applies MSI-X enable / function mask from config space.
     pub fn set_control(&self, control: MsixControl) {
         let mut d = self.delivery();
@@ -118,6 +134,7 @@ impl Interrupts {
             msix,
             control,
             sink,
+            ..
         } = &mut *d;
         msix.control_changed(control.enabled, control.function_masked, sink.as_ref());
     }
@@ -132,6 +149,7 @@ impl Interrupts {
             msix,
             control,
             sink,
+            ..
         } = &mut *d;
         f(msix, *control, sink.as_ref())
     }
@@ -196,5 +214,16 @@ mod tests {
         assert_eq!(sink.count(3), 1);
         assert_eq!(sink.count(4), 1);
         assert_eq!(sink.count(0), 0);
+    }
+
+    #[test]
+    fn test_intr_external_msix_bypasses_device_table() {
+        let i = Interrupts::default();
+        let sink = Arc::new(CountingInterrupts::default());
+        i.set_sink(sink.clone());
+        i.set_external_msix(true);
+        i.set_mask(0);
+        i.raise(intr_user(Engine::Video));
+        assert_eq!(sink.count(2), 1, "no MSI-X enable or table unmask needed");
     }
 }

@@ -87,15 +87,20 @@ fn blit_strategy() -> impl Strategy<Value = (Copy, bool)> {
         0u32..3,
         (0u32..24, 0u32..12),
         (0u32..48, 0u32..48, prop_oneof![Just(0u32), 0u32..5000]),
-        (0usize..MEM - 80_000, -300i64..300, any::<bool>()),
+        (
+            0usize..MEM - 80_000,
+            -300i64..300,
+            any::<bool>(),
+            any::<bool>(),
+        ),
         any::<u32>(),
         any::<bool>(),
     )
         .prop_map(
-            |(rop, bpp, (w, h), (dx, sx, far), (base, delta, near), pattern, with_src)| {
+            |(rop, bpp, (w, h), (dx, sx, far), (base, delta, near, same), pattern, with_src)| {
                 let bytes = w << bpp;
-                let (dst_pitch, src_pitch) =
-                    (bytes + dx + far, bytes + if near { dx + far } else { sx });
+                let dst_pitch = bytes + dx + far;
+                let src_pitch = if near && same { dst_pitch } else { bytes + sx };
                 let dst = base as u64;
                 // Near: an overlapping source around the destination; else anywhere after it.
                 let src = if near {
@@ -143,18 +148,18 @@ proptest! {
         base in 0usize..MEM - 200_000,
         rect in (0u32..60, 0u32..60, 0u32..60, 0u32..60),
         v in prop::array::uniform3((prop_oneof![0u32..50, 0u32..65536], prop_oneof![0u32..40, 0u32..65536])),
-        degenerate: bool,
+        degenerate in prop::option::of((0u32..40, 0u32..30, -6i32..6, -6i32..6)),
         (colour, blend, tri) in (any::<u32>(), any::<bool>(), any::<bool>()),
         seed: u64,
     ) {
         let init = random_bytes(seed, MEM);
         let pitch = sw * 4 + extra;
         let mut v = v;
-        if degenerate {
-            // Collinear: the third vertex on the line through the first two.
-            v[2] = (v[0].0.min(v[1].0), v[0].1.min(v[1].1));
-            v[1] = (v[0].0.max(v[1].0), v[0].1.max(v[1].1));
-            v[0] = v[2];
+        if let Some((x, y, dx, dy)) = degenerate {
+            // Collinear (or coincident) vertices `p`, `p + d`, `p + 2d`, in a random order.
+            let at = |k: i32| ((x as i32 + 12 + k * dx) as u32, (y as i32 + 12 + k * dy) as u32);
+            v = [at(0), at(1), at(2)];
+            v.rotate_left((x % 3) as usize);
         }
         let surf = enc::surface_state(base as u64, pitch, sw, sh, fmt);
         let draw: Vec<u32> = if tri {
@@ -171,6 +176,27 @@ proptest! {
             reference::fill_rect(&mut want, s, rect, colour, blend);
         }
         prop_assert!(got == want);
+    }
+
+    #[test]
+    fn test_triangles_sharing_an_edge_never_cover_a_pixel_twice(
+        pts in prop::array::uniform4((0u32..40, 0u32..40)),
+        flip: (bool, bool),
+    ) {
+        let [a, b, c, d] = pts.map(|(x, y)| (i64::from(x), i64::from(y)));
+        let side = |p: (i64, i64)| (b.0 - a.0) * (p.1 - a.1) - (b.1 - a.1) * (p.0 - a.0);
+        prop_assume!(side(c) * side(d) < 0);
+        // A black 40x40 surface, then both halves at 50% white: a pixel covered twice would be
+        // 192, not 128.
+        let black = enc::color_blt(cmd::ROP_BLACKNESS, cmd::BPP_32, 0, 160, 40, 40, 0);
+        let surf = enc::surface_state(0, 160, 40, 40, 0);
+        let [pa, pb, pc, pd] = pts;
+        let t1 = if flip.0 { [pa, pb, pc] } else { [pb, pa, pc] };
+        let t2 = if flip.1 { [pa, pb, pd] } else { [pd, pb, pa] };
+        let t1 = enc::triangle(t1, 0x80FF_FFFF, true);
+        let t2 = enc::triangle(t2, 0x80FF_FFFF, true);
+        let out = run(&[&black, &surf, &t1, &t2], &random_bytes(1, MEM));
+        prop_assert!(out[..160 * 40].chunks(4).all(|p| p[0] == 0 || p[0] == 128));
     }
 
     #[test]
@@ -292,85 +318,75 @@ fn test_overlapping_scroll_both_directions_matches_reference() {
     }
 }
 
-/// Throughput of a large `SRCCOPY` against a host `memcpy` of the same size. Run with
+/// Throughput of a large `SRCCOPY` (dense, and with padded pitches) against a host `memcpy` of
+/// the same size. Run with
 /// `cargo test --release -p vgpu-device srccopy_throughput -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark"]
 fn test_srccopy_throughput_vs_memcpy() {
     use std::time::Instant;
+    fn best(mut f: impl FnMut()) -> f64 {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    }
     let (w, h) = (4096u32, 4096u32);
     let bytes = (w * h * 4) as usize;
-    // A multiple of 7 pages: identity layout (the same contiguity as the host copy).
-    let pages = (2 * bytes / PAGE_SIZE as usize).div_ceil(7) * 7;
-    let mut t = BufferTranslate::scrambled(pages);
-    let mut m = Mem::new(&mut t);
-    let c = Copy {
-        rop: cmd::ROP_SRCCOPY,
-        bpp: 2,
-        dst: bytes as u64,
-        dst_pitch: w * 4,
-        src: 0,
-        src_pitch: w * 4,
-        width: w,
-        height: h,
-        pattern: 0,
-    };
-    let o = op(&enc::src_copy_blt(c));
-    let mut r = RenderState::default();
     let (a, mut b) = (vec![1u8; bytes], vec![0u8; bytes]);
-    let mut best = (f64::MAX, f64::MAX);
-    for _ in 0..5 {
-        let t0 = Instant::now();
-        o.execute(&mut m, &mut r).unwrap();
-        let t1 = Instant::now();
+    let host = best(|| {
         std::hint::black_box(&mut b).copy_from_slice(std::hint::black_box(&a));
-        std::hint::black_box(&b);
-        let t2 = Instant::now();
-        best.0 = best.0.min((t1 - t0).as_secs_f64());
-        best.1 = best.1.min((t2 - t1).as_secs_f64());
+    });
+    for pad in [0, 256] {
+        let pitch = w * 4 + pad;
+        let span = (pitch * h) as usize;
+        // A multiple of 7 pages: identity layout, as contiguous as the host buffers.
+        let pages = (2 * span / PAGE_SIZE as usize).div_ceil(7) * 7;
+        let mut t = BufferTranslate::scrambled(pages);
+        let mut m = Mem::new(&mut t);
+        let c = Copy {
+            rop: cmd::ROP_SRCCOPY,
+            bpp: 2,
+            dst: span as u64,
+            dst_pitch: pitch,
+            src: 0,
+            src_pitch: pitch,
+            width: w,
+            height: h,
+            pattern: 0,
+        };
+        let o = op(&enc::src_copy_blt(c));
+        let mut r = RenderState::default();
+        let blt = best(|| {
+            o.execute(&mut m, &mut r).unwrap();
+        });
+        let gbs = |s: f64| bytes as f64 / s / 1e9;
+        println!(
+            "SRCCOPY pitch pad {pad}: {:.2} GB/s, memcpy {:.2} GB/s, ratio {:.2}",
+            gbs(blt),
+            gbs(host),
+            host / blt
+        );
     }
-    let t0 = Instant::now();
-    m.spans(GpuVa(0), bytes as u64, Access::Read, |_, _| {})
-        .unwrap();
-    println!("validate 64 MiB: {:?}", t0.elapsed());
-    let t0 = Instant::now();
-    m.copy(GpuVa(bytes as u64), GpuVa(0), bytes as u64).unwrap();
-    println!("Mem::copy 64 MiB: {:?}", t0.elapsed());
-    // Upper bound with page-sized pieces at scattered places (what Mem hands out).
-    let n = bytes / 4096;
-    let mut best_pages = f64::MAX;
-    let mut big = vec![0u8; 2 * bytes];
-    for _ in 0..5 {
-        let t0 = Instant::now();
-        for i in 0..n {
-            let (s, d) = ((i * 7 + 3) % n, n + (i * 7 + 5) % n);
-            big.copy_within(s * 4096..(s + 1) * 4096, d * 4096);
-        }
-        std::hint::black_box(&big);
-        best_pages = best_pages.min(t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn test_triangle_diagonal_edge_left_included_right_excluded() {
+    // Centres on the diagonal are covered only where it is a left edge; the vertical and
+    // horizontal edges never pass through a centre.
+    let surf = enc::surface_state(0, 64, 16, 8, 0);
+    for (v, want) in [
+        ([(0, 0), (4, 4), (0, 4)], 6),
+        ([(0, 0), (0, 4), (4, 4)], 6),
+        ([(4, 0), (4, 4), (0, 4)], 10),
+        ([(0, 4), (4, 0), (4, 4)], 10),
+    ] {
+        let t = enc::triangle(v, 0xFFFF_FFFF, false);
+        let out = run(&[&surf, &t], &vec![0u8; MEM]);
+        let n = out[..64 * 8].chunks(4).filter(|p| p[0] == 0xFF).count();
+        assert_eq!(n, want, "{v:?}");
     }
-    println!("4 KiB pieces: {:.2} GB/s", bytes as f64 / best_pages / 1e9);
-    let pp = 2 * n + 1;
-    let mut big = vec![0u8; pp * 4096];
-    let mut best_pages = f64::MAX;
-    for _ in 0..5 {
-        let t0 = Instant::now();
-        for i in 0..n {
-            let (s, d) = ((i * 7 + 3) % pp, ((n + i) * 7 + 3) % pp);
-            big.copy_within(s * 4096..(s + 1) * 4096, d * 4096);
-        }
-        std::hint::black_box(&big);
-        best_pages = best_pages.min(t0.elapsed().as_secs_f64());
-    }
-    println!(
-        "4 KiB pieces, BufferTranslate layout: {:.2} GB/s",
-        bytes as f64 / best_pages / 1e9
-    );
-    let gbs = |s: f64| bytes as f64 / s / 1e9;
-    println!(
-        "SRCCOPY {:.2} GB/s, memcpy {:.2} GB/s, ratio {:.2}",
-        gbs(best.0),
-        gbs(best.1),
-        best.1 / best.0
-    );
 }
