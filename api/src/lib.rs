@@ -1,1 +1,5 @@
-//! The vgpud daemon, REST API and vgpuctl CLI. Empty until the vfio-user and API issues land.
+//! `vgpud`: the daemon that owns the software physical GPU and serves each vGPU to a VMM over
+//! vfio-user; later also its REST API and the `vgpuctl` CLI.
+
+pub mod backend;
+pub mod irq;
