@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use vgpu_abi::cmd::{self, AuditReason, Client, Header};
-use vgpu_abi::gtt::PTE_VALID;
+use vgpu_abi::gtt::{PTE_READ_ONLY, PTE_VALID};
 use vgpu_abi::regs;
 use vgpu_abi::Engine;
 
@@ -19,7 +19,7 @@ use crate::engine::context::{CmdKind, Command, Mi, Submission};
 use crate::engine::ops::{self, Op, Surface};
 use crate::engine::translate::{ContextTranslate, GgttTranslate, PpgttShadow, Tlb};
 use crate::mem::{Access, Fault, FaultKind, Mem};
-use crate::vgpu::ggtt::GttMode;
+use crate::vgpu::ggtt::{translate_pte, GttMode};
 use crate::vgpu::shared::VgpuShared;
 
 /// The part of a ring one doorbell submits.
@@ -246,9 +246,15 @@ impl Scan<'_, '_> {
         });
     }
 
-    /// Scans a batch buffer starting at `start` (and whatever it chains to).
-    fn batch(&mut self, start: GpuVa, level: Level, from: (u64, u32)) -> Result<(), Violation> {
-        let mut start = start;
+    /// Scans a batch buffer starting at `start` (and whatever it chains to). `from` is the
+    /// address and header of the `MI_BATCH_BUFFER_START` that reached it, which a loop or too
+    /// many batches are reported at.
+    fn batch(
+        &mut self,
+        mut start: GpuVa,
+        level: Level,
+        mut from: (u64, u32),
+    ) -> Result<(), Violation> {
         loop {
             if !self.batches.insert(start.raw()) {
                 return Err(violation(
@@ -296,9 +302,11 @@ impl Scan<'_, '_> {
                 };
                 let mut dws = vec![0u32; len as usize + 1];
                 let mut bytes_buf = vec![0u8; dws.len() * 4];
+                // Dwords that cannot be read: header 0 and the address that did not translate
+                // (section 8.9).
                 self.mem
                     .read(GpuVa(pos), &mut bytes_buf)
-                    .map_err(|f| fault_violation(pos, hdr, f))?;
+                    .map_err(|f| fault_violation(f.va.raw().max(pos), 0, f))?;
                 for (d, b) in dws.iter_mut().zip(bytes_buf.chunks_exact(4)) {
                     *d = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
@@ -315,7 +323,8 @@ impl Scan<'_, '_> {
             match next {
                 None => return Ok(()),
                 Some((target, pos, hdr)) => {
-                    let _ = (pos, hdr);
+                    // The chaining BBS is the one that reaches the next batch.
+                    from = (pos, hdr);
                     start = target;
                 }
             }
@@ -350,17 +359,28 @@ pub fn scan(
         let (a, b) = ring.split_at_mut(usize::try_from(first).unwrap_or(0));
         let at = w.base.raw() + u64::from(w.start);
         m.read(GpuVa(at), a)
-            .map_err(|f| fault_violation(at, 0, f))?;
+            .map_err(|f| fault_violation(f.va.raw().max(at), 0, f))?;
         m.read(GpuVa(w.base.raw()), b)
-            .map_err(|f| fault_violation(w.base.raw(), 0, f))?;
+            .map_err(|f| fault_violation(f.va.raw(), 0, f))?;
     }
     let dws: Vec<u32> = ring
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
 
-    // The address space of the submission.
+    // The address space of the submission. A valid root must itself be acceptable, whatever
+    // the commands access (section 8.4); in two-dim mode nothing else would look at it here.
     let ppgtt = root & PTE_VALID != 0;
+    if ppgtt {
+        translate_pte(root & !PTE_READ_ONLY, false, shared.lmem(), &dma).map_err(|kind| {
+            violation(
+                w.base.raw() + u64::from(w.start),
+                0,
+                AuditReason::AddressOutOfRange,
+                format!("PPGTT_ROOT {root:#x}: {kind}"),
+            )
+        })?;
+    }
     let shadow = if ppgtt && shared.ggtt.mode() == GttMode::Shadow {
         let gen = ctx.ppgtt_generation();
         match ctx.shadow().filter(|s| s.matches(root, gen)) {
