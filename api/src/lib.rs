@@ -2,4 +2,5 @@
 //! vfio-user; later also its REST API and the `vgpuctl` CLI.
 
 pub mod backend;
+pub mod daemon;
 pub mod irq;

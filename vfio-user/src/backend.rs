@@ -122,8 +122,11 @@ pub trait Backend: Send {
     /// Writes `data` at `offset` of region `index`; the range lies inside the region.
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), BackendError>;
     /// `SET_IRQS`: `action` is the `VFIO_IRQ_SET_ACTION_*` bit, `fds` holds one eventfd per
-    /// vector for `DATA_EVENTFD` (an fd of -1 on the wire becomes `None`: de-assign) and is empty
-    /// for `DATA_NONE`; `start + count` lies inside the index.
+    /// vector for `DATA_EVENTFD` (`None`: de-assign — on the wire, a `DATA_EVENTFD` message
+    /// without descriptors, which is how QEMU sends fds of -1) and is empty for `DATA_NONE`;
+    /// `start + count` lies inside the index. `DATA_BOOL` arrives as one `DATA_NONE` call per
+    /// selected vector. `start == count == 0` with `ACTION_TRIGGER` and no fds disables every
+    /// vector of the index.
     fn set_irqs(
         &mut self,
         index: u32,
@@ -134,9 +137,11 @@ pub trait Backend: Send {
     ) -> Result<(), BackendError>;
     /// `DMA_MAP`: the range does not overlap a mapped one.
     fn dma_map(&mut self, region: DmaRegion) -> Result<(), BackendError>;
-    /// `DMA_UNMAP` of exactly one mapped range.
+    /// `DMA_UNMAP` of exactly one mapped range (also called for every mapping on unmap-all and
+    /// when the client disconnects). Drop the region's mapping before returning.
     fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), BackendError>;
-    /// `DEVICE_RESET`.
+    /// `DEVICE_RESET`; on success the server's migration state returns to `Running` (the way
+    /// out of `Error`).
     fn reset(&mut self) -> Result<(), BackendError>;
 
     /// Migration capabilities (`VFIO_MIGRATION_*`); 0 when the device cannot migrate.
@@ -160,7 +165,13 @@ pub trait Backend: Send {
         let _ = data;
         Err(BackendError::NotSupported("migration".into()))
     }
-    /// Starts logging device writes to guest RAM in pages of `page_size` over `ranges`.
+    /// Whether the device implements DMA logging (`dma_logging_*`); answers `PROBE` and gates
+    /// the `DMA_LOGGING_*` features.
+    fn dma_logging_supported(&self) -> bool {
+        false
+    }
+    /// Starts logging device writes to guest RAM in pages of `page_size` over `ranges` (empty:
+    /// everything). Ranges are page-aligned, non-empty, sorted and do not overlap.
     fn dma_logging_start(
         &mut self,
         page_size: u64,
@@ -186,6 +197,8 @@ pub trait Backend: Send {
         let _ = (iova, length, page_size, bitmap);
         Err(BackendError::NotSupported("DMA logging".into()))
     }
-    /// The client went away. Device state is kept: a client that reconnects gets the same device.
+    /// The client went away. The server has already unmapped every DMA region (`dma_unmap`) and
+    /// stopped DMA logging; drop the client's eventfds here. Device state is kept: a client that
+    /// reconnects gets the same device.
     fn disconnected(&mut self) {}
 }
