@@ -135,6 +135,9 @@ pub struct Mem<'a> {
     t: &'a mut dyn Translate,
     last_read: Option<(u64, HostPage)>,
     last_write: Option<(u64, HostPage)>,
+    /// Pages of the range being accessed, translated before any byte is touched (two lists,
+    /// for the two ranges of a copy; the allocations are reused).
+    pages: [Vec<HostPage>; 2],
 }
 
 impl<'a> Mem<'a> {
@@ -144,7 +147,30 @@ impl<'a> Mem<'a> {
             t,
             last_read: None,
             last_write: None,
+            pages: [Vec::new(), Vec::new()],
         }
+    }
+
+    /// Translates every page of `[va, va + len)` for `access` into `out` (cleared first), in
+    /// order; fails on the first page that does not translate. Returns the end address.
+    fn translate_range(
+        &mut self,
+        va: GpuVa,
+        len: u64,
+        access: Access,
+        out: &mut Vec<HostPage>,
+    ) -> Result<u64, Fault> {
+        out.clear();
+        let end = va.raw().checked_add(len).ok_or(Fault {
+            va,
+            kind: FaultKind::Overflow,
+        })?;
+        let mut a = va.raw();
+        while a < end {
+            out.push(self.page(a, access)?);
+            a = (a / PAGE_SIZE + 1) * PAGE_SIZE;
+        }
+        Ok(end)
     }
 
     fn page(&mut self, va: u64, access: Access) -> Result<HostPage, Fault> {
@@ -172,7 +198,7 @@ impl<'a> Mem<'a> {
 
     /// Calls `f(offset, span)` for each page-bounded piece of `[va, va + len)`, in order;
     /// `offset` is the piece's distance from `va`. Translates every page before `f` sees any,
-    /// so a fault leaves memory untouched.
+    /// so a fault leaves memory untouched; each page is translated once.
     pub fn spans(
         &mut self,
         va: GpuVa,
@@ -183,33 +209,42 @@ impl<'a> Mem<'a> {
         if len == 0 {
             return Ok(());
         }
-        let end = va.raw().checked_add(len).ok_or(Fault {
-            va,
-            kind: FaultKind::Overflow,
-        })?;
-        // Validate first: all or nothing.
-        let mut a = va.raw();
-        while a < end {
-            self.page(a, access)?;
-            a = (a / PAGE_SIZE + 1) * PAGE_SIZE;
-        }
-        let mut a = va.raw();
-        while a < end {
-            let hp = self.page(a, access)?;
-            let off = a % PAGE_SIZE;
-            let n = (PAGE_SIZE - off).min(end - a);
+        let off = va.raw() % PAGE_SIZE;
+        if len <= PAGE_SIZE - off {
+            // Inside one page (rows, dwords): one translation, no page list.
+            let hp = self.page(va.raw(), access)?;
             // Page offsets and lengths are below PAGE_SIZE, so the casts cannot truncate.
             #[allow(clippy::cast_possible_truncation)]
             let span = HostSpan {
-                // SAFETY: `hp` is valid for PAGE_SIZE bytes and `off + n <= PAGE_SIZE`.
+                // SAFETY: `hp` is valid for PAGE_SIZE bytes and `off + len <= PAGE_SIZE`.
                 ptr: unsafe { hp.as_ptr().add(off as usize) },
-                len: n as usize,
+                len: len as usize,
             };
-            #[allow(clippy::cast_possible_truncation)]
-            f((a - va.raw()) as usize, span);
-            a += n;
+            f(0, span);
+            return Ok(());
         }
-        Ok(())
+        // Validate first: all or nothing.
+        let mut pages = std::mem::take(&mut self.pages[0]);
+        let res = self.translate_range(va, len, access, &mut pages);
+        if let Ok(end) = res {
+            let mut a = va.raw();
+            for hp in &pages {
+                let off = a % PAGE_SIZE;
+                let n = (PAGE_SIZE - off).min(end - a);
+                // Page offsets and lengths are below PAGE_SIZE, so the casts cannot truncate.
+                #[allow(clippy::cast_possible_truncation)]
+                let span = HostSpan {
+                    // SAFETY: `hp` is valid for PAGE_SIZE bytes and `off + n <= PAGE_SIZE`.
+                    ptr: unsafe { hp.as_ptr().add(off as usize) },
+                    len: n as usize,
+                };
+                #[allow(clippy::cast_possible_truncation)]
+                f((a - va.raw()) as usize, span);
+                a += n;
+            }
+        }
+        self.pages[0] = pages;
+        res.map(|_| ())
     }
 
     /// Reads `buf.len()` bytes at `va`.
@@ -253,31 +288,45 @@ impl<'a> Mem<'a> {
     /// Copies `len` bytes from `src` to `dst` host-to-host, without a bounce buffer. The ranges
     /// must not overlap (callers that allow overlap copy through a buffer instead).
     pub fn copy(&mut self, dst: GpuVa, src: GpuVa, len: u64) -> Result<(), Fault> {
-        // Validate both ranges before touching anything.
-        self.spans(src, len, Access::Read, |_, _| {})?;
-        self.spans(dst, len, Access::Write, |_, _| {})?;
-        let mut done = 0u64;
-        while done < len {
-            let s = src.raw() + done;
-            let d = dst.raw() + done;
-            let n = (PAGE_SIZE - s % PAGE_SIZE)
-                .min(PAGE_SIZE - d % PAGE_SIZE)
-                .min(len - done);
-            let sp = self.page(s, Access::Read)?;
-            let dp = self.page(d, Access::Write)?;
-            // SAFETY: both pages are valid for PAGE_SIZE bytes; offsets + n stay inside them.
-            // The caller guarantees non-overlap; `copy` tolerates overlap anyway.
-            #[allow(clippy::cast_possible_truncation)]
-            unsafe {
-                std::ptr::copy(
-                    sp.as_ptr().add((s % PAGE_SIZE) as usize),
-                    dp.as_ptr().add((d % PAGE_SIZE) as usize),
-                    n as usize,
-                );
-            }
-            done += n;
+        if len == 0 {
+            return Ok(());
         }
-        Ok(())
+        // Validate both ranges before touching anything; each page is translated once.
+        let [mut sp, mut dp] = std::mem::take(&mut self.pages);
+        let res = self
+            .translate_range(src, len, Access::Read, &mut sp)
+            .and_then(|_| self.translate_range(dst, len, Access::Write, &mut dp));
+        if res.is_ok() {
+            let (s0, d0) = (src.raw() / PAGE_SIZE, dst.raw() / PAGE_SIZE);
+            let mut done = 0u64;
+            while done < len {
+                let s = src.raw() + done;
+                let d = dst.raw() + done;
+                let n = (PAGE_SIZE - s % PAGE_SIZE)
+                    .min(PAGE_SIZE - d % PAGE_SIZE)
+                    .min(len - done);
+                // Page indexes are below the number of pages translated, offsets and `n` below
+                // PAGE_SIZE, so the casts cannot truncate.
+                #[allow(clippy::cast_possible_truncation)]
+                let (spg, dpg) = (
+                    sp[(s / PAGE_SIZE - s0) as usize],
+                    dp[(d / PAGE_SIZE - d0) as usize],
+                );
+                // SAFETY: both pages are valid for PAGE_SIZE bytes; offsets + n stay inside them.
+                // The caller guarantees non-overlap; `copy` tolerates overlap anyway.
+                #[allow(clippy::cast_possible_truncation)]
+                unsafe {
+                    std::ptr::copy(
+                        spg.as_ptr().add((s % PAGE_SIZE) as usize),
+                        dpg.as_ptr().add((d % PAGE_SIZE) as usize),
+                        n as usize,
+                    );
+                }
+                done += n;
+            }
+        }
+        self.pages = [sp, dp];
+        res.map(|_| ())
     }
 }
 

@@ -220,6 +220,20 @@ impl RunQueue {
         }
     }
 
+    /// How long `id` may run now: the slice, shortened under fixed-share so a slice never
+    /// carries a vGPU past its cap within the window.
+    pub fn budget(&self, id: u32, slice: Duration) -> Duration {
+        if self.policy != Policy::FixedShare {
+            return slice;
+        }
+        let Some(e) = self.entries.iter().find(|e| e.id == id) else {
+            return slice;
+        };
+        let cap_ns = WINDOW.as_nanos() * u128::from(e.params.cap_pct) / 100;
+        let left = cap_ns.saturating_sub(u128::from(e.window_ns));
+        slice.min(Duration::from_nanos(u64::try_from(left).unwrap_or(u64::MAX)))
+    }
+
     /// Accounts a slice of `busy` to `id`.
     pub fn charge(&mut self, id: u32, busy: Duration) {
         let ns = u64::try_from(busy.as_nanos()).unwrap_or(u64::MAX);
@@ -338,6 +352,19 @@ mod tests {
         );
         let s = simulate(&mut q, 10_000, Duration::from_millis(1));
         assert!((s[0] - 0.30).abs() < 0.01, "capped at 30%: {s:?}");
+    }
+
+    #[test]
+    fn test_fixed_share_budget_stops_at_cap() {
+        let mut q = RunQueue { policy: Policy::FixedShare, ..Default::default() };
+        q.add(0, SchedParams { weight: 1, reserve_pct: 0, cap_pct: 5 });
+        let slice = Duration::from_millis(2);
+        assert_eq!(q.budget(0, slice), slice);
+        q.charge(0, Duration::from_millis(4));
+        assert_eq!(q.budget(0, slice), Duration::from_millis(1), "5 ms cap in a 100 ms window");
+        q.charge(0, Duration::from_millis(1));
+        assert_eq!(q.budget(0, slice), Duration::ZERO);
+        assert_eq!(q.pick(&[0]), None);
     }
 
     #[test]

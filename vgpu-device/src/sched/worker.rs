@@ -136,6 +136,7 @@ pub(crate) fn run(inner: &Arc<Inner>, e: Engine) {
         };
         let Some((v, why, _)) = picked else { continue };
         let slice = Duration::from_nanos(inner.slice_ns.load(Ordering::Acquire));
+        let slice = slot.lock().rq.budget(v.id(), slice);
         let t = inner.start.elapsed();
         let r = run_slice(&v, e, &mut tlb, slice);
         {
