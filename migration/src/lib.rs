@@ -1,1 +1,106 @@
-//! Snapshot, restore and live migration of vGPU state. Empty until the migration issue lands.
+//! Snapshot, restore and live migration of vGPU state.
+//!
+//! - [`Pausable`], [`Snapshottable`], [`Migratable`]: the component traits (the shape of Cloud
+//!   Hypervisor's `vm-migration`, with no default that silently saves nothing).
+//! - [`Snapshot`]: a tree of component states keyed by id.
+//! - [`envelope`]: the on-disk / on-wire framing: magic, format version, payload, checksum.
+//!   Restores treat every byte as untrusted.
+
+pub mod envelope;
+pub mod snapshot;
+
+pub use envelope::{decode, encode, EnvelopeError, FORMAT_VERSION, MAGIC};
+pub use snapshot::{Snapshot, SnapshotError};
+
+/// Errors of component operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The snapshot or stream is malformed or does not fit this component.
+    #[error("Invalid state for {component}: {reason}")]
+    Invalid {
+        /// Component id.
+        component: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The component cannot do this now (e.g. not paused).
+    #[error("{component}: {reason}")]
+    State {
+        /// Component id.
+        component: String,
+        /// Why not.
+        reason: String,
+    },
+    /// Snapshot tree or envelope error.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Envelope error.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+}
+
+/// A component that can stop and restart its activity. Pausing waits until the component is
+/// quiescent (engines at a command boundary); a paused component's state does not change.
+pub trait Pausable {
+    /// Stops activity; returns when quiescent.
+    fn pause(&mut self) -> Result<(), MigrationError>;
+    /// Restarts activity.
+    fn resume(&mut self) -> Result<(), MigrationError>;
+}
+
+/// A component whose state can be saved into a [`Snapshot`] and restored from one. `restore`
+/// validates everything: a snapshot is untrusted input.
+pub trait Snapshottable {
+    /// The component's id in the snapshot tree.
+    fn id(&self) -> String;
+    /// Saves the state (the component should be paused).
+    fn snapshot(&mut self) -> Result<Snapshot, MigrationError>;
+    /// Replaces the state with a saved one, after validating it.
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigrationError>;
+}
+
+/// A component that can be live-migrated: pre-copy of its memory with dirty tracking, then
+/// stop-and-copy of the rest.
+pub trait Migratable: Pausable + Snapshottable {
+    /// Size of the component's memory in bytes (a multiple of the page size).
+    fn memory_size(&self) -> u64;
+    /// Starts tracking pages written from now on (all pages count as dirty at the start).
+    fn start_dirty_log(&mut self) -> Result<(), MigrationError>;
+    /// Stops tracking.
+    fn stop_dirty_log(&mut self) -> Result<(), MigrationError>;
+    /// Pages (indexes of 4 KiB pages) written since the last call (or since the start).
+    fn dirty_pages(&mut self) -> Result<Vec<u64>, MigrationError>;
+    /// Reads page `index` into `buf` (4 KiB).
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), MigrationError>;
+    /// Writes page `index` from `buf` (4 KiB) on the destination.
+    fn write_page(&mut self, index: u64, buf: &[u8]) -> Result<(), MigrationError>;
+}
+
+/// Generates the round-trip test of a [`Snapshottable`] component: snapshot → mutate → restore →
+/// snapshot equal. `$make` builds a component, `$mutate` changes its state.
+#[macro_export]
+macro_rules! snapshot_roundtrip_test {
+    ($name:ident, $make:expr, $mutate:expr) => {
+        #[test]
+        fn $name() {
+            use $crate::Snapshottable as _;
+            let mut c = $make;
+            let before = c.snapshot().expect("snapshot");
+            let bytes = $crate::encode(&before).expect("encode");
+            #[allow(clippy::redundant_closure_call)]
+            ($mutate)(&mut c);
+            let changed = c.snapshot().expect("snapshot after mutation");
+            assert_ne!(
+                changed, before,
+                "the mutation must change the state the snapshot sees"
+            );
+            let decoded = $crate::decode(&bytes).expect("decode");
+            c.restore(&decoded).expect("restore");
+            let after = c.snapshot().expect("snapshot after restore");
+            assert_eq!(
+                after, before,
+                "restore must give back exactly the saved state"
+            );
+        }
+    };
+}
