@@ -80,6 +80,15 @@ impl DmaRegion {
     pub fn writable(&self) -> bool {
         self.writable
     }
+    /// Whether `other` maps the same guest-physical range onto the same host memory, with the
+    /// same access.
+    pub fn same_mapping(&self, other: &DmaRegion) -> bool {
+        self.gpa == other.gpa
+            && self.size == other.size
+            && self.offset == other.offset
+            && self.writable == other.writable
+            && Arc::ptr_eq(&self.mapping, &other.mapping)
+    }
 }
 
 /// An immutable set of non-overlapping guest-physical ranges.

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod dma;
 pub mod driver;
 pub mod engine;
+pub mod hist;
 pub mod irq;
 pub mod mem;
 pub mod pci;

@@ -64,12 +64,21 @@ fn ping_pong(iters: u32, framed: bool) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let json = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let (iters, rounds) = if quick { (2_000, 3) } else { (20_000, 7) };
 
     let daemon = daemon(256);
     let info = daemon
-        .create(&VgpuSpec { profile: "mini".into(), gtt: GttMode::Shadow, name: Some("bench".into()), weight: None })
+        .create(&VgpuSpec {
+            profile: "mini".into(),
+            gtt: GttMode::Shadow,
+            name: Some("bench".into()),
+            weight: None,
+        })
         .expect("vgpu");
     let mut vmm = Vmm::attach(&info.socket);
 
@@ -97,25 +106,45 @@ fn main() {
     let n = if quick { 2_000 } else { 20_000 };
     let t0 = Instant::now();
     for i in 0..n {
-        d.submit(Engine::Blit, &enc::store_data_imm(fence, i)).expect("submit");
+        d.submit(Engine::Blit, &enc::store_data_imm(fence, i))
+            .expect("submit");
     }
-    d.wait_idle(Engine::Blit, Duration::from_secs(30)).expect("idle");
+    d.wait_idle(Engine::Blit, Duration::from_secs(30))
+        .expect("idle");
     let doorbell = f64::from(n) / t0.elapsed().as_secs_f64();
-    assert_eq!(d.read32(regs::engine_base(Engine::Blit) + regs::LAST_FENCE), n - 1);
+    assert_eq!(
+        d.read32(regs::engine_base(Engine::Blit) + regs::LAST_FENCE),
+        n - 1
+    );
     let t0 = Instant::now();
     for i in 0..n {
         d.write32(regs::SCRATCH1, i);
     }
     let plain = f64::from(n) / t0.elapsed().as_secs_f64();
 
-    println!("vfio-user trap path ({} mode, {} iterations x {} rounds, medians)", if quick { "quick" } else { "full" }, iters, rounds);
+    println!(
+        "vfio-user trap path ({} mode, {} iterations x {} rounds, medians)",
+        if quick { "quick" } else { "full" },
+        iters,
+        rounds
+    );
     println!("| measure | value | ratio |");
     println!("|---|---|---|");
-    println!("| REGION_READ 4 B through vgpud | {:.1} us | {:.2}x bare |", ours / 1e3, ours / bare);
-    println!("| bare unix-socket ping-pong 32/36 B | {:.1} us | 1.00x |", bare / 1e3);
+    println!(
+        "| REGION_READ 4 B through vgpud | {:.1} us | {:.2}x bare |",
+        ours / 1e3,
+        ours / bare
+    );
+    println!(
+        "| bare unix-socket ping-pong 32/36 B | {:.1} us | 1.00x |",
+        bare / 1e3
+    );
     println!("| same ping-pong, vfio-user syscall pattern (2 reads per side) | {:.1} us | {:.2}x bare; vgpud = {:.2}x this |", framed / 1e3, framed / bare, ours / framed);
     println!("| doorbell submissions (scan + execute + HEAD read-back) | {:.0} /s | {:.2}x plain writes |", doorbell, doorbell / plain);
-    println!("| plain register writes (REGION_WRITE) | {:.0} /s | 1.00x |", plain);
+    println!(
+        "| plain register writes (REGION_WRITE) | {:.0} /s | 1.00x |",
+        plain
+    );
     if let Some(path) = json {
         let s = format!(
             "{{\"region_read_ns\":{ours:.0},\"ping_pong_ns\":{bare:.0},\"ping_pong_framed_ns\":{framed:.0},\"region_read_ratio\":{:.3},\"doorbells_per_s\":{doorbell:.0},\"plain_writes_per_s\":{plain:.0}}}\n",

@@ -283,10 +283,7 @@ fn test_malformed_messages_get_errors_and_daemon_keeps_serving_others() {
     let efds: Vec<vmm_sys_util::eventfd::EventFd> = (0..20)
         .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
         .collect();
-    let raw_fds: Vec<i32> = efds
-        .iter()
-        .map(std::os::fd::AsRawFd::as_raw_fd)
-        .collect();
+    let raw_fds: Vec<i32> = efds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     let mut m = header(6, 8, 36).to_vec();
     for v in [20u32, 4 | 32, 2, 0, 20] {
         m.extend_from_slice(&v.to_ne_bytes());

@@ -17,6 +17,7 @@ use vgpu_abi::Engine;
 use crate::addr::GpuVa;
 use crate::engine::ops::{Op, RenderState, Surface};
 use crate::engine::translate::PpgttShadow;
+use crate::hist::Histogram;
 use std::sync::Arc;
 
 /// An MI command after scanning.
@@ -85,6 +86,9 @@ pub struct Submission {
     /// Shadow mode with a PPGTT: the shadow the submission was validated against (and runs
     /// with: scan once, execute what was scanned).
     pub shadow: Option<Arc<PpgttShadow>>,
+    /// When the doorbell that queued it rang (submission latency is measured from here to
+    /// the completion of its last command).
+    pub doorbell: Instant,
 }
 
 /// What kind of reset a context goes through.
@@ -115,6 +119,10 @@ pub struct EngineStats {
     pub resets: AtomicU64,
     /// Audit events (rejections and faults).
     pub audits: AtomicU64,
+    /// Submission latency: doorbell to the completion of the submission's last command.
+    pub latency: Histogram,
+    /// Lengths of the scheduler slices that executed commands.
+    pub slices: Histogram,
 }
 
 /// Mutable state of the context, under [`EngineContext::state`].

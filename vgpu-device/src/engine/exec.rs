@@ -141,7 +141,13 @@ pub fn run_slice(
             ctx.ppgtt_generation(),
             shared.ggtt.generation(),
         ));
-        let mut t = ContextTranslate::new(shared, &dma, sub.ppgtt_root, sub.shadow.as_deref(), tlb);
+        // A PPGTT shadow that went stale since the scan (`TLB_INVALIDATE`, a `PPGTT_ROOT` write,
+        // a DMA-map change) is not used: the engine translates again (sections 7.4 and 7.5).
+        let shadow = sub
+            .shadow
+            .as_deref()
+            .filter(|s| s.matches(sub.ppgtt_root, ctx.ppgtt_generation()));
+        let mut t = ContextTranslate::new(shared, &dma, sub.ppgtt_root, shadow, tlb);
         let mut mem = Mem::new(&mut t);
         let mut end = None;
         let mut bytes = 0u64;
@@ -213,6 +219,7 @@ pub fn run_slice(
         match end {
             None => {
                 // Submission complete.
+                ctx.stats.latency.observe(sub.doorbell.elapsed());
                 ctx.set_head(sub.tail);
                 st.cursor = 0;
                 st.started = None;

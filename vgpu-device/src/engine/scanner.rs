@@ -346,6 +346,7 @@ pub fn scan(
     w: RingWindow,
     root: u64,
 ) -> Result<Submission, Violation> {
+    let doorbell = std::time::Instant::now();
     let dma = shared.dma();
     let ctx = shared.engine(engine);
     // Read the ring window (always GM).
@@ -450,5 +451,6 @@ pub fn scan(
         ppgtt_root: if ppgtt { root } else { 0 },
         tail: w.end,
         shadow,
+        doorbell,
     })
 }

@@ -292,7 +292,8 @@ pub struct ContextTranslate<'a> {
 
 impl<'a> ContextTranslate<'a> {
     /// Translates for a submission with PPGTT root `root` (0: GGTT). In shadow mode a PPGTT
-    /// submission needs `shadow`, built for `root`.
+    /// submission uses `shadow`, built for `root` and still current; without one it walks the
+    /// guest tables for each page, as two-dim mode does.
     pub fn new(
         shared: &'a VgpuShared,
         dma: &'a DmaMap,
@@ -316,10 +317,11 @@ impl Translate for ContextTranslate<'_> {
         let fault = |kind| Fault { va, kind };
         let ppgtt = self.root & PTE_VALID != 0;
         match self.shared.ggtt.mode() {
-            GttMode::Shadow if ppgtt => {
-                let shadow = self.shadow.ok_or(fault(FaultKind::NotMapped))?;
-                shadow.lookup(va.raw(), write).map_err(fault)
-            }
+            GttMode::Shadow if ppgtt => match self.shadow {
+                Some(shadow) => shadow.lookup(va.raw(), write).map_err(fault),
+                // No current shadow: walk the guest tables against the current DMA map.
+                None => walk_one(self.shared, self.dma, self.root, va.raw(), write).map_err(fault),
+            },
             GttMode::Shadow => self
                 .shared
                 .ggtt

@@ -231,7 +231,9 @@ impl RunQueue {
         };
         let cap_ns = WINDOW.as_nanos() * u128::from(e.params.cap_pct) / 100;
         let left = cap_ns.saturating_sub(u128::from(e.window_ns));
-        slice.min(Duration::from_nanos(u64::try_from(left).unwrap_or(u64::MAX)))
+        slice.min(Duration::from_nanos(
+            u64::try_from(left).unwrap_or(u64::MAX),
+        ))
     }
 
     /// Accounts a slice of `busy` to `id`.
@@ -356,12 +358,26 @@ mod tests {
 
     #[test]
     fn test_fixed_share_budget_stops_at_cap() {
-        let mut q = RunQueue { policy: Policy::FixedShare, ..Default::default() };
-        q.add(0, SchedParams { weight: 1, reserve_pct: 0, cap_pct: 5 });
+        let mut q = RunQueue {
+            policy: Policy::FixedShare,
+            ..Default::default()
+        };
+        q.add(
+            0,
+            SchedParams {
+                weight: 1,
+                reserve_pct: 0,
+                cap_pct: 5,
+            },
+        );
         let slice = Duration::from_millis(2);
         assert_eq!(q.budget(0, slice), slice);
         q.charge(0, Duration::from_millis(4));
-        assert_eq!(q.budget(0, slice), Duration::from_millis(1), "5 ms cap in a 100 ms window");
+        assert_eq!(
+            q.budget(0, slice),
+            Duration::from_millis(1),
+            "5 ms cap in a 100 ms window"
+        );
         q.charge(0, Duration::from_millis(1));
         assert_eq!(q.budget(0, slice), Duration::ZERO);
         assert_eq!(q.pick(&[0]), None);

@@ -35,7 +35,7 @@ impl Vgpu {
                     let v = self.reg_read(lo32(offset));
                     data.copy_from_slice(&v.to_le_bytes());
                 }
-                (8, 0) => {
+                (8, 0) if is_pair_lo(lo32(offset)) => {
                     let lo = self.reg_read(lo32(offset));
                     let hi = self.reg_read(lo32(offset) + 4);
                     data.copy_from_slice(&(u64::from(hi) << 32 | u64::from(lo)).to_le_bytes());
@@ -74,7 +74,7 @@ impl Vgpu {
                         self.reg_write(lo32(offset), v);
                     }
                 }
-                (8, 0) => {
+                (8, 0) if is_pair_lo(lo32(offset)) => {
                     if let Some(v) = le_u64(data) {
                         // High half first, so a 64-bit write of PLANE_SURF flips once, with the
                         // new address.
@@ -346,6 +346,13 @@ impl Vgpu {
             self.shared.count_bad_access();
         }
     }
+}
+
+/// Whether `offset` is the `_LO` half of a 64-bit register pair: the only register offsets where
+/// an aligned 8-byte access reads or writes both halves (section 1 of the manual; an 8-byte
+/// access anywhere else in the register file is a bad access).
+fn is_pair_lo(offset: u32) -> bool {
+    regs::lookup(offset).is_some_and(|(info, _)| info.name.ends_with("_LO"))
 }
 
 /// The engine and block-relative offset of an engine-block register.

@@ -95,14 +95,13 @@ impl VgpuShared {
             .clone()
     }
 
-    /// Publishes a new DMA map. Shadow GGTT entries into regions that are gone are dropped
-    /// first, so no engine pairs a stale shadow with a map that no longer keeps it alive.
+    /// Publishes a new DMA map. Shadow GGTT entries into regions that are gone, or now backed by
+    /// other memory or with other access, are dropped first, so no engine pairs a stale shadow
+    /// with a map that no longer keeps it alive (or writes memory the VMM made read-only).
     pub fn set_dma(&self, map: Arc<DmaMap>) {
         let old = self.dma();
         for r in old.regions() {
-            let still = map
-                .region(r.gpa())
-                .is_some_and(|n| n.gpa() == r.gpa() && n.size() == r.size());
+            let still = map.region(r.gpa()).is_some_and(|n| n.same_mapping(r));
             if !still {
                 self.ggtt.forget_guest_range(r.gpa(), r.size());
             }
