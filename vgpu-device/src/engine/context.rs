@@ -70,6 +70,8 @@ pub struct Command {
     pub addr: GpuVa,
     /// Its header dword.
     pub header: u32,
+    /// The command's dwords as scanned (what a snapshot saves; a restore decodes them again).
+    pub raw: Vec<u32>,
     /// Ring offset after the ring-level command this belongs to, once it is complete.
     pub head_after: Option<u32>,
 }

@@ -87,141 +87,62 @@ struct Scan<'m, 'a> {
 }
 
 impl Scan<'_, '_> {
-    /// Checks one command whose dwords are `dws` (header first) at `addr`. Returns the batch to
-    /// enter for `MI_BATCH_BUFFER_START` and whether the command ends the current buffer.
+    /// Checks one command whose dwords are `dws` (header first) at `addr`: decodes it, checks
+    /// that it is allowed at this level, and that every byte range it touches translates.
     fn command(&mut self, level: Level, addr: u64, dws: &[u32]) -> Result<Flow, Violation> {
         let hdr = dws[0];
-        let h = Header::parse(hdr);
         let v = |reason, detail: &str| violation(addr, hdr, reason, detail);
-        let Some(client) = Client::from_bits(h.client) else {
-            return Err(v(AuditReason::UnknownOpcode, "unknown client"));
-        };
-        if client != Client::Mi {
-            if client.engine() != Some(self.engine) {
-                return Err(v(AuditReason::WrongEngine, "command for another engine"));
+        match decode(self.engine, dws).map_err(|(r, d)| v(r, &d))? {
+            Decoded::Noop => Ok(Flow::Next),
+            Decoded::End if level == Level::Ring => {
+                Err(v(AuditReason::BadParameter, "batch end in the ring"))
             }
-            let op = ops::decode(h, &dws[1..]).map_err(|e| v(e.audit_reason(), &e.to_string()))?;
-            let extents = op
-                .footprint(self.surface.as_ref())
-                .map_err(|e| v(e.audit_reason(), &e.to_string()))?;
-            for x in extents {
-                self.mem
-                    .spans(x.va, x.len, x.access, |_, _| {})
-                    .map_err(|f| fault_violation(addr, hdr, f))?;
-            }
-            if let Op::SurfaceState(s) = &op {
-                self.surface = Some(*s);
-            }
-            self.push(CmdKind::Op(op), addr, hdr);
-            return Ok(Flow::Next);
-        }
-        let expected = match h.opcode {
-            cmd::MI_LOAD_REGISTER_IMM => None,
-            op => Some(
-                cmd::fixed_len(Client::Mi, op)
-                    .ok_or_else(|| v(AuditReason::UnknownOpcode, "unknown MI opcode"))?,
-            ),
-        };
-        if expected.is_some_and(|e| e != h.len) {
-            return Err(v(AuditReason::BadLength, "length does not match opcode"));
-        }
-        let a64 = |i: usize| GpuVa(u64::from(dws[i]) | u64::from(dws[i + 1]) << 32);
-        let aligned = |va: GpuVa| {
-            if va.raw().is_multiple_of(4) {
-                Ok(va)
-            } else {
-                Err(v(AuditReason::BadParameter, "address not dword aligned"))
-            }
-        };
-        match h.opcode {
-            cmd::MI_NOOP => {}
-            cmd::MI_USER_INTERRUPT => self.push(CmdKind::Mi(Mi::UserInterrupt), addr, hdr),
-            cmd::MI_BATCH_BUFFER_END => {
-                if level == Level::Ring {
-                    return Err(v(AuditReason::BadParameter, "batch end in the ring"));
-                }
-                return Ok(Flow::End);
-            }
-            cmd::MI_BATCH_BUFFER_START => {
-                let target = aligned(a64(1))?;
-                let second = h.flags & cmd::BBS_SECOND_LEVEL != 0;
-                return match (level, second) {
-                    (Level::Ring, true) => Err(v(
-                        AuditReason::BadParameter,
-                        "second-level batch from the ring",
-                    )),
-                    (Level::Ring, false) => Ok(Flow::Call(target, Level::First)),
-                    (Level::First, true) => Ok(Flow::Call(target, Level::Second)),
-                    (Level::First, false) => Ok(Flow::Chain(target)),
-                    (Level::Second, _) => Err(v(
-                        AuditReason::BatchNesting,
-                        "batch start in a second-level batch",
-                    )),
-                };
-            }
-            cmd::MI_STORE_DATA_IMM => {
-                let a = aligned(a64(1))?;
-                self.check(a, 4, Access::Write, addr, hdr)?;
-                self.push(
-                    CmdKind::Mi(Mi::StoreDataImm {
-                        addr: a,
-                        value: dws[3],
-                    }),
-                    addr,
-                    hdr,
-                );
-            }
-            cmd::MI_LOAD_REGISTER_IMM => {
-                if h.len == 0 || !h.len.is_multiple_of(2) || h.len > 2 * cmd::LRI_MAX_PAIRS {
-                    return Err(v(AuditReason::BadLength, "bad register-pair count"));
-                }
-                let mut pairs = Vec::with_capacity(dws.len() / 2);
-                for p in dws[1..].chunks_exact(2) {
-                    if !lri_allowed(self.engine, p[0]) {
-                        return Err(v(
-                            AuditReason::ForbiddenRegister,
-                            &format!("register {:#x} not loadable", p[0]),
-                        ));
+            Decoded::End => Ok(Flow::End),
+            Decoded::Batch { target, second } => match (level, second) {
+                (Level::Ring, true) => Err(v(
+                    AuditReason::BadParameter,
+                    "second-level batch from the ring",
+                )),
+                (Level::Ring, false) => Ok(Flow::Call(target, Level::First)),
+                (Level::First, true) => Ok(Flow::Call(target, Level::Second)),
+                (Level::First, false) => Ok(Flow::Chain(target)),
+                (Level::Second, _) => Err(v(
+                    AuditReason::BatchNesting,
+                    "batch start in a second-level batch",
+                )),
+            },
+            Decoded::Exec(kind) => {
+                match &kind {
+                    CmdKind::Op(op) => {
+                        let extents = op
+                            .footprint(self.surface.as_ref())
+                            .map_err(|e| v(e.audit_reason(), &e.to_string()))?;
+                        for x in extents {
+                            self.check(x.va, x.len, x.access, addr, hdr)?;
+                        }
+                        if let Op::SurfaceState(s) = op {
+                            self.surface = Some(*s);
+                        }
                     }
-                    pairs.push((p[0], p[1]));
+                    CmdKind::Mi(Mi::StoreDataImm { addr: a, .. })
+                    | CmdKind::Mi(Mi::StoreRegisterMem { addr: a, .. }) => {
+                        self.check(*a, 4, Access::Write, addr, hdr)?;
+                    }
+                    CmdKind::Mi(Mi::SemaphoreWait { addr: a, .. }) => {
+                        self.check(*a, 4, Access::Read, addr, hdr)?;
+                    }
+                    CmdKind::Mi(Mi::UserInterrupt | Mi::LoadRegisterImm(_)) => {}
                 }
-                self.push(CmdKind::Mi(Mi::LoadRegisterImm(pairs)), addr, hdr);
+                self.cmds.push(Command {
+                    kind,
+                    addr: GpuVa(addr),
+                    header: hdr,
+                    head_after: None,
+                    raw: dws.to_vec(),
+                });
+                Ok(Flow::Next)
             }
-            cmd::MI_STORE_REGISTER_MEM => {
-                if !srm_allowed(self.engine, dws[1]) {
-                    return Err(v(
-                        AuditReason::ForbiddenRegister,
-                        &format!("register {:#x} not storable", dws[1]),
-                    ));
-                }
-                let a = aligned(a64(2))?;
-                self.check(a, 4, Access::Write, addr, hdr)?;
-                self.push(
-                    CmdKind::Mi(Mi::StoreRegisterMem {
-                        reg: dws[1],
-                        addr: a,
-                    }),
-                    addr,
-                    hdr,
-                );
-            }
-            cmd::MI_SEMAPHORE_WAIT => {
-                let a = aligned(a64(1))?;
-                self.check(a, 4, Access::Read, addr, hdr)?;
-                let ge = h.flags & cmd::SEM_GREATER_EQUAL != 0;
-                self.push(
-                    CmdKind::Mi(Mi::SemaphoreWait {
-                        addr: a,
-                        value: dws[3],
-                        greater_equal: ge,
-                    }),
-                    addr,
-                    hdr,
-                );
-            }
-            _ => return Err(v(AuditReason::UnknownOpcode, "unknown MI opcode")),
         }
-        Ok(Flow::Next)
     }
 
     fn check(
@@ -235,15 +156,6 @@ impl Scan<'_, '_> {
         self.mem
             .spans(va, len, access, |_, _| {})
             .map_err(|f| fault_violation(addr, hdr, f))
-    }
-
-    fn push(&mut self, kind: CmdKind, addr: u64, header: u32) {
-        self.cmds.push(Command {
-            kind,
-            addr: GpuVa(addr),
-            header,
-            head_after: None,
-        });
     }
 
     /// Scans a batch buffer starting at `start` (and whatever it chains to). `from` is the
@@ -330,6 +242,120 @@ impl Scan<'_, '_> {
             }
         }
     }
+}
+
+/// A command decoded and checked on its own, without touching memory.
+#[derive(Debug)]
+pub enum Decoded {
+    /// Something the engine executes.
+    Exec(CmdKind),
+    /// `MI_NOOP`.
+    Noop,
+    /// `MI_BATCH_BUFFER_END`.
+    End,
+    /// `MI_BATCH_BUFFER_START`.
+    Batch {
+        /// The batch address.
+        target: GpuVa,
+        /// `BBS_SECOND_LEVEL`.
+        second: bool,
+    },
+}
+
+/// Decodes one command (`dws`: header and payload) for `engine`: client, opcode, length,
+/// parameters, the register whitelists and address alignment. Memory is not touched: the
+/// scanner checks addresses afterwards, and restored submissions are checked again on use.
+pub fn decode(engine: Engine, dws: &[u32]) -> Result<Decoded, (AuditReason, String)> {
+    let Some(&hdr) = dws.first() else {
+        return Err((AuditReason::BadLength, "empty command".into()));
+    };
+    let h = Header::parse(hdr);
+    let v = |reason, detail: &str| Err((reason, detail.to_string()));
+    if dws.len() != h.len as usize + 1 {
+        return v(
+            AuditReason::BadLength,
+            "command dwords do not match its length",
+        );
+    }
+    let Some(client) = Client::from_bits(h.client) else {
+        return v(AuditReason::UnknownOpcode, "unknown client");
+    };
+    if client != Client::Mi {
+        if client.engine() != Some(engine) {
+            return v(AuditReason::WrongEngine, "command for another engine");
+        }
+        return ops::decode(h, &dws[1..])
+            .map(|op| Decoded::Exec(CmdKind::Op(op)))
+            .map_err(|e| (e.audit_reason(), e.to_string()));
+    }
+    match h.opcode {
+        cmd::MI_LOAD_REGISTER_IMM => {}
+        op => match cmd::fixed_len(Client::Mi, op) {
+            None => return v(AuditReason::UnknownOpcode, "unknown MI opcode"),
+            Some(e) if e != h.len => {
+                return v(AuditReason::BadLength, "length does not match opcode")
+            }
+            Some(_) => {}
+        },
+    }
+    let a64 = |i: usize| GpuVa(u64::from(dws[i]) | u64::from(dws[i + 1]) << 32);
+    let aligned = |va: GpuVa| {
+        if va.raw().is_multiple_of(4) {
+            Ok(va)
+        } else {
+            Err((
+                AuditReason::BadParameter,
+                "address not dword aligned".to_string(),
+            ))
+        }
+    };
+    Ok(match h.opcode {
+        cmd::MI_NOOP => Decoded::Noop,
+        cmd::MI_USER_INTERRUPT => Decoded::Exec(CmdKind::Mi(Mi::UserInterrupt)),
+        cmd::MI_BATCH_BUFFER_END => Decoded::End,
+        cmd::MI_BATCH_BUFFER_START => Decoded::Batch {
+            target: aligned(a64(1))?,
+            second: h.flags & cmd::BBS_SECOND_LEVEL != 0,
+        },
+        cmd::MI_STORE_DATA_IMM => Decoded::Exec(CmdKind::Mi(Mi::StoreDataImm {
+            addr: aligned(a64(1))?,
+            value: dws[3],
+        })),
+        cmd::MI_LOAD_REGISTER_IMM => {
+            if h.len == 0 || !h.len.is_multiple_of(2) || h.len > 2 * cmd::LRI_MAX_PAIRS {
+                return v(AuditReason::BadLength, "bad register-pair count");
+            }
+            let mut pairs = Vec::with_capacity(dws.len() / 2);
+            for p in dws[1..].chunks_exact(2) {
+                if !lri_allowed(engine, p[0]) {
+                    return v(
+                        AuditReason::ForbiddenRegister,
+                        &format!("register {:#x} not loadable", p[0]),
+                    );
+                }
+                pairs.push((p[0], p[1]));
+            }
+            Decoded::Exec(CmdKind::Mi(Mi::LoadRegisterImm(pairs)))
+        }
+        cmd::MI_STORE_REGISTER_MEM => {
+            if !srm_allowed(engine, dws[1]) {
+                return v(
+                    AuditReason::ForbiddenRegister,
+                    &format!("register {:#x} not storable", dws[1]),
+                );
+            }
+            Decoded::Exec(CmdKind::Mi(Mi::StoreRegisterMem {
+                reg: dws[1],
+                addr: aligned(a64(2))?,
+            }))
+        }
+        cmd::MI_SEMAPHORE_WAIT => Decoded::Exec(CmdKind::Mi(Mi::SemaphoreWait {
+            addr: aligned(a64(1))?,
+            value: dws[3],
+            greater_equal: h.flags & cmd::SEM_GREATER_EQUAL != 0,
+        })),
+        _ => return v(AuditReason::UnknownOpcode, "unknown MI opcode"),
+    })
 }
 
 enum Flow {
