@@ -87,6 +87,11 @@ impl AuditLog {
         q.push_back(ev);
     }
 
+    /// Sets the total (a restored vGPU continues its numbering).
+    pub fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Release);
+    }
+
     /// Total events recorded since creation.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Acquire)

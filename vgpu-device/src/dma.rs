@@ -206,6 +206,15 @@ impl DmaMap {
         Some(unsafe { HostPage::new(NonNull::new(ptr)?) })
     }
 
+    /// The guest-physical address of host address `host`, if it lies in a mapped region.
+    pub fn gpa_of_host(&self, host: usize) -> Option<u64> {
+        self.regions.values().find_map(|r| {
+            let start = (r.mapping.as_ptr() as usize).checked_add(usize::try_from(r.offset).ok()?)?;
+            let off = host.checked_sub(start)?;
+            (u64::try_from(off).ok()? < r.size).then(|| r.gpa.raw() + off as u64)
+        })
+    }
+
     /// All regions, in address order.
     pub fn regions(&self) -> impl Iterator<Item = &DmaRegion> {
         self.regions.values()

@@ -70,8 +70,9 @@ impl HistogramSnapshot {
         if n == 0 {
             return None;
         }
-        // The rank of the quantile, rounded up; exact for the integer counts used here.
-        let rank = ((n as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        // The rank of the quantile, rounded up, within 1..=n (so the cast cannot truncate).
+        #[allow(clippy::cast_possible_truncation)]
+        let rank = ((n as f64) * q.clamp(0.0, 1.0)).ceil().clamp(1.0, n as f64) as u64;
         let mut seen = 0;
         for (i, c) in self.counts.iter().enumerate() {
             seen += c;

@@ -416,3 +416,216 @@ impl EngineContext {
         !self.state().pending.is_empty()
     }
 }
+
+/// The saved state of one engine context (see `crate::vgpu::persist`). Saved: ring state, the
+/// engine-visible registers, the error state, the render state, the queued submissions as the
+/// raw dwords that were scanned (with the executed prefix of the front one skipped by
+/// `cursor`), and the counters. Rebuilt on restore: decoded commands (decoded and checked again
+/// from the raw dwords), PPGTT shadows and TLBs (rebuilt on use), wait and watchdog clocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EngineState {
+    /// `RING_CTL_ENABLE`.
+    pub ring_enabled: bool,
+    /// Ring offset where the last accepted submission ended.
+    pub submitted: u32,
+    /// `RING_HEAD`.
+    pub head: u32,
+    /// `ACTHD`.
+    pub acthd: u64,
+    /// `LAST_FENCE`.
+    pub last_fence: u32,
+    /// `ENGINE_STATUS` (its error bit).
+    pub status: u32,
+    /// `ERROR_CODE`, `ERROR_HEADER`, `ERROR_ADDR`.
+    pub error: (u32, u32, u64),
+    /// Render target of the executing context.
+    pub render: RenderState,
+    /// Render target as of the last scanned submission.
+    pub scan_surface: Option<Surface>,
+    /// Queued submissions.
+    pub pending: Vec<SubmissionState>,
+    /// Next command of the front submission.
+    pub cursor: u64,
+    /// The context was waiting on a semaphore.
+    pub waiting: bool,
+    /// Counters: busy ns, commands, bytes, submissions, preemptions, resets, audits.
+    pub stats: [u64; 7],
+}
+
+/// A queued submission, saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubmissionState {
+    /// The scanned commands.
+    pub cmds: Vec<CommandState>,
+    /// `PPGTT_ROOT` latched at the doorbell.
+    pub ppgtt_root: u64,
+    /// Ring tail the submission ends at.
+    pub tail: u32,
+}
+
+/// A scanned command, saved as its raw dwords.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommandState {
+    /// Header and payload dwords.
+    pub raw: Vec<u32>,
+    /// Address of the command.
+    pub addr: u64,
+    /// Ring offset after its ring-level command.
+    pub head_after: Option<u32>,
+}
+
+/// Why a saved engine state does not restore.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("Engine {engine} state invalid: {reason}")]
+pub struct EngineStateError {
+    /// Engine name.
+    pub engine: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl EngineContext {
+    /// Saves the context. The caller has quiesced the engines (no slice in progress).
+    pub fn save(&self) -> EngineState {
+        let st = self.state();
+        let s = &self.stats;
+        let ld = |a: &AtomicU64| a.load(Ordering::Acquire);
+        EngineState {
+            ring_enabled: self.ring_enabled(),
+            submitted: self.submitted(),
+            head: self.head(),
+            acthd: self.acthd(),
+            last_fence: self.last_fence(),
+            status: self.status(),
+            error: self.error(),
+            render: st.render.clone(),
+            scan_surface: self.scan_surface(),
+            pending: st
+                .pending
+                .iter()
+                .map(|sub| SubmissionState {
+                    cmds: sub
+                        .cmds
+                        .iter()
+                        .map(|c| CommandState { raw: c.raw.clone(), addr: c.addr.raw(), head_after: c.head_after })
+                        .collect(),
+                    ppgtt_root: sub.ppgtt_root,
+                    tail: sub.tail,
+                })
+                .collect(),
+            cursor: st.cursor as u64,
+            waiting: st.wait_since.is_some(),
+            stats: [
+                ld(&s.busy_ns),
+                ld(&s.commands),
+                ld(&s.bytes),
+                ld(&s.submissions),
+                ld(&s.preemptions),
+                ld(&s.resets),
+                ld(&s.audits),
+            ],
+        }
+    }
+
+    /// Replaces the context with a saved one, decoding and checking every saved command again
+    /// (a snapshot is untrusted: commands that would not pass the scanner are rejected, and
+    /// addresses are checked again when they execute). `ring_size` bounds the ring offsets.
+    pub fn restore(&self, s: &EngineState, ring_size: u32) -> Result<(), EngineStateError> {
+        let bad = |reason: String| EngineStateError { engine: self.engine.name(), reason };
+        let limit = ring_size.max(1);
+        if s.ring_enabled && (s.submitted >= limit || s.head >= limit || s.submitted % 4 != 0) {
+            return Err(bad(format!("ring offsets {}/{} outside a ring of {ring_size}", s.head, s.submitted)));
+        }
+        if s.status & !(vgpu_abi::regs::ENGINE_STATUS_ERROR | ENGINE_STATUS_IDLE | ENGINE_STATUS_WAITING) != 0 {
+            return Err(bad(format!("status {:#x}", s.status)));
+        }
+        if s.error.0 != 0 && AuditReason::from_code(s.error.0).is_none() {
+            return Err(bad(format!("error code {}", s.error.0)));
+        }
+        s.render.validate().map_err(|e| bad(format!("render state: {e}")))?;
+        if let Some(surf) = &s.scan_surface {
+            surf.validate().map_err(|e| bad(format!("scan surface: {e}")))?;
+        }
+        const MAX_PENDING: usize = 4096;
+        if s.pending.len() > MAX_PENDING {
+            return Err(bad(format!("{} queued submissions", s.pending.len())));
+        }
+        let mut pending = VecDeque::with_capacity(s.pending.len());
+        for sub in &s.pending {
+            if sub.tail >= limit {
+                return Err(bad(format!("submission tail {} outside the ring", sub.tail)));
+            }
+            let mut cmds = Vec::with_capacity(sub.cmds.len());
+            for c in &sub.cmds {
+                let kind = match crate::engine::scanner::decode(self.engine, &c.raw) {
+                    Ok(crate::engine::scanner::Decoded::Exec(kind)) => kind,
+                    Ok(other) => return Err(bad(format!("saved command at {:#x} is not executable: {other:?}", c.addr))),
+                    Err((reason, detail)) => {
+                        return Err(bad(format!("saved command at {:#x}: {} ({detail})", c.addr, reason.name())))
+                    }
+                };
+                if c.head_after.is_some_and(|h| h >= limit) {
+                    return Err(bad("head offset outside the ring".into()));
+                }
+                cmds.push(Command {
+                    kind,
+                    addr: GpuVa(c.addr),
+                    header: c.raw.first().copied().unwrap_or(0),
+                    head_after: c.head_after,
+                    raw: c.raw.clone(),
+                });
+            }
+            pending.push_back(Submission {
+                cmds,
+                ppgtt_root: sub.ppgtt_root,
+                tail: sub.tail,
+                shadow: None,
+                doorbell: Instant::now(),
+            });
+        }
+        let cursor = usize::try_from(s.cursor).map_err(|_| bad("cursor".into()))?;
+        if cursor > pending.front().map_or(0, |f| f.cmds.len()) {
+            return Err(bad(format!("cursor {cursor} past the front submission")));
+        }
+        let _exec = self.exec_lock();
+        let mut st = self.state();
+        *st = CtxState {
+            pending,
+            cursor,
+            render: s.render.clone(),
+            started: None,
+            wait_since: s.waiting.then(Instant::now),
+            running: false,
+        };
+        self.ring_enabled.store(s.ring_enabled, Ordering::Release);
+        self.submitted.store(s.submitted, Ordering::Release);
+        self.head.store(s.head, Ordering::Release);
+        self.acthd.store(s.acthd, Ordering::Release);
+        self.last_fence.store(s.last_fence, Ordering::Release);
+        self.status.store(s.status, Ordering::Release);
+        self.error_code.store(s.error.0, Ordering::Release);
+        self.error_header.store(s.error.1, Ordering::Release);
+        self.error_addr.store(s.error.2, Ordering::Release);
+        self.update_status(&st);
+        drop(st);
+        self.set_scan_surface(s.scan_surface);
+        self.set_shadow(None);
+        self.invalidate_ppgtt();
+        let stats = &self.stats;
+        for (a, v) in [
+            &stats.busy_ns,
+            &stats.commands,
+            &stats.bytes,
+            &stats.submissions,
+            &stats.preemptions,
+            &stats.resets,
+            &stats.audits,
+        ]
+        .into_iter()
+        .zip(s.stats)
+        {
+            a.store(v, Ordering::Release);
+        }
+        Ok(())
+    }
+}

@@ -39,10 +39,15 @@ impl<'a> GgttTranslate<'a> {
 impl Translate for GgttTranslate<'_> {
     fn translate(&mut self, va: GpuVa, access: Access) -> Result<HostPage, Fault> {
         let write = access == Access::Write;
-        self.shared
+        let hp = self
+            .shared
             .ggtt
             .translate(GmAddr(va.raw()), write, self.shared.lmem(), self.dma)
-            .map_err(|kind| Fault { va, kind })
+            .map_err(|kind| Fault { va, kind })?;
+        if write {
+            self.shared.dirty.note_write(hp, self.dma);
+        }
+        Ok(hp)
     }
 }
 
@@ -313,6 +318,16 @@ impl<'a> ContextTranslate<'a> {
 
 impl Translate for ContextTranslate<'_> {
     fn translate(&mut self, va: GpuVa, access: Access) -> Result<HostPage, Fault> {
+        let hp = self.translate_page(va, access)?;
+        if access == Access::Write {
+            self.shared.dirty.note_write(hp, self.dma);
+        }
+        Ok(hp)
+    }
+}
+
+impl ContextTranslate<'_> {
+    fn translate_page(&mut self, va: GpuVa, access: Access) -> Result<HostPage, Fault> {
         let write = access == Access::Write;
         let fault = |kind| Fault { va, kind };
         let ppgtt = self.root & PTE_VALID != 0;

@@ -91,6 +91,28 @@ impl RangeAllocator {
         Some(at)
     }
 
+    /// Allocates exactly `[start, start + size)` (`size` rounded up to pages), if it is free.
+    pub fn alloc_at(&mut self, start: u64, size: u64) -> Option<u64> {
+        let size = page_round(size)?;
+        if start % vgpu_abi::PAGE_SIZE != 0 {
+            return None;
+        }
+        let end = start.checked_add(size)?;
+        let (&at, &len) = self.free.range(..=start).next_back()?;
+        if at + len < end {
+            return None;
+        }
+        self.free.remove(&at);
+        if start > at {
+            self.free.insert(at, start - at);
+        }
+        if at + len > end {
+            self.free.insert(end, at + len - end);
+        }
+        self.used.insert(start, size);
+        Some(start)
+    }
+
     /// Frees the allocation `[start, start + size)` (`size` rounded up to pages as in
     /// [`RangeAllocator::alloc`]).
     pub fn free(&mut self, start: u64, size: u64) -> Result<(), AllocError> {
@@ -153,6 +175,20 @@ impl RangeAllocator {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn test_alloc_at_takes_exact_range_or_fails() {
+        let mut a = RangeAllocator::new(0, 16 * 4096).unwrap();
+        assert_eq!(a.alloc_at(4 * 4096, 2 * 4096), Some(4 * 4096));
+        assert_eq!(a.alloc_at(5 * 4096, 4096), None, "taken");
+        assert_eq!(a.alloc_at(15 * 4096, 2 * 4096), None, "past the end");
+        assert_eq!(a.alloc_at(100, 4096), None, "unaligned");
+        assert_eq!(a.alloc(4 * 4096), Some(0));
+        assert_eq!(a.alloc(4096), Some(6 * 4096));
+        a.free(4 * 4096, 2 * 4096).unwrap();
+        assert_eq!(a.count_fit(2 * 4096), 5);
+    }
+
     use proptest::prelude::*;
 
     use super::*;

@@ -149,6 +149,26 @@ impl PhysGpu {
     /// Carves a partition for `profile`: local memory, mappable and hidden GM, and the lowest
     /// free instance id. All or nothing: on error nothing stays allocated.
     pub fn create_partition(&mut self, profile: &'static Profile) -> Result<Partition, PhysError> {
+        self.create_partition_placed(profile, None)
+    }
+
+    /// Carves a partition whose GM ranges start exactly at `mappable` and `hidden` (a vGPU
+    /// restored or migrated from elsewhere: its guest uses the physical GM numbering). Fails
+    /// with `Exhausted` when those ranges are taken.
+    pub fn create_partition_at(
+        &mut self,
+        profile: &'static Profile,
+        mappable: GmAddr,
+        hidden: GmAddr,
+    ) -> Result<Partition, PhysError> {
+        self.create_partition_placed(profile, Some((mappable, hidden)))
+    }
+
+    fn create_partition_placed(
+        &mut self,
+        profile: &'static Profile,
+        at: Option<(GmAddr, GmAddr)>,
+    ) -> Result<Partition, PhysError> {
         profile.validate()?;
         let exhausted = |resource| PhysError::Exhausted {
             resource,
@@ -163,11 +183,19 @@ impl PhysGpu {
             .lmem_alloc
             .alloc(size)
             .ok_or_else(|| exhausted(Resource::LocalMemory))?;
-        let Some(mbase) = self.mappable_alloc.alloc(size) else {
+        let mbase = match at {
+            Some((m, _)) => self.mappable_alloc.alloc_at(m.raw(), size),
+            None => self.mappable_alloc.alloc(size),
+        };
+        let Some(mbase) = mbase else {
             undo(&mut self.lmem_alloc, lbase, size);
             return Err(exhausted(Resource::MappableGm));
         };
-        let Some(hbase) = self.hidden_alloc.alloc(hidden_size) else {
+        let hbase = match at {
+            Some((_, h)) => self.hidden_alloc.alloc_at(h.raw(), hidden_size),
+            None => self.hidden_alloc.alloc(hidden_size),
+        };
+        let Some(hbase) = hbase else {
             undo(&mut self.lmem_alloc, lbase, size);
             undo(&mut self.mappable_alloc, mbase, size);
             return Err(exhausted(Resource::HiddenGm));

@@ -7,7 +7,7 @@ pub mod queue;
 pub mod trace;
 mod worker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -71,6 +71,8 @@ struct EngineQueue {
     kicked: bool,
     /// vGPUs that had work at the last pick (to detect wake-ups).
     busy: Vec<u32>,
+    /// Paused vGPUs: their contexts are not picked (doorbells still queue work).
+    paused: HashSet<u32>,
 }
 
 struct EngineSlot {
@@ -132,6 +134,7 @@ impl Scheduler {
                     running: None,
                     kicked: false,
                     busy: Vec::new(),
+                    paused: HashSet::new(),
                 }),
                 cv: Condvar::new(),
             }),
@@ -184,6 +187,7 @@ impl Scheduler {
             let mut q = slot.lock();
             found |= q.vgpus.remove(&id).is_some();
             q.rq.remove(id);
+            q.paused.remove(&id);
             while q.running == Some(id) {
                 q = slot.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
@@ -193,6 +197,64 @@ impl Scheduler {
         } else {
             Err(SchedError::UnknownVgpu(id))
         }
+    }
+
+    /// Pauses a vGPU: its contexts are no longer picked on any engine (doorbells still scan
+    /// and queue work); returns when no engine executes it any more. Idempotent.
+    pub fn pause(&self, id: u32) -> Result<(), SchedError> {
+        let mut found = false;
+        for slot in &self.inner.engines {
+            let mut q = slot.lock();
+            if !q.vgpus.contains_key(&id) {
+                continue;
+            }
+            found = true;
+            q.paused.insert(id);
+            while q.running == Some(id) {
+                q = slot.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        if found {
+            Ok(())
+        } else {
+            Err(SchedError::UnknownVgpu(id))
+        }
+    }
+
+    /// Resumes a paused vGPU (idempotent). A context that waited on a semaphore while paused
+    /// has its watchdog clock restarted, so the pause does not count as a hang.
+    pub fn resume(&self, id: u32) -> Result<(), SchedError> {
+        let mut found = false;
+        for (i, slot) in self.inner.engines.iter().enumerate() {
+            let mut q = slot.lock();
+            let Some(v) = q.vgpus.get(&id).cloned() else {
+                continue;
+            };
+            found = true;
+            if q.paused.remove(&id) {
+                if let Some(e) = Engine::from_index(i) {
+                    let mut st = v.engine(e).state();
+                    if st.wait_since.is_some() {
+                        st.wait_since = Some(Instant::now());
+                    }
+                }
+                q.kicked = true;
+                slot.cv.notify_all();
+            }
+        }
+        if found {
+            Ok(())
+        } else {
+            Err(SchedError::UnknownVgpu(id))
+        }
+    }
+
+    /// Whether a vGPU is paused (`false` for unknown ids).
+    pub fn is_paused(&self, id: u32) -> bool {
+        self.inner
+            .engines
+            .iter()
+            .any(|slot| slot.lock().paused.contains(&id))
     }
 
     /// Changes a vGPU's parameters on one engine, or on all of its engines.

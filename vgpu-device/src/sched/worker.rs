@@ -70,6 +70,10 @@ pub(crate) fn run(inner: &Arc<Inner>, e: Engine) {
             let mut waiting_only = Vec::new();
             let mut hung = Vec::new();
             for (id, v) in &q.vgpus {
+                if q.paused.contains(id) {
+                    // Paused: doorbells still queue, nothing runs, the watchdog does not count.
+                    continue;
+                }
                 let ctx = v.engine(e);
                 let st = ctx.state();
                 if st.pending.is_empty() {
@@ -139,6 +143,9 @@ pub(crate) fn run(inner: &Arc<Inner>, e: Engine) {
         let slice = slot.lock().rq.budget(v.id(), slice);
         let t = inner.start.elapsed();
         let r = run_slice(&v, e, &mut tlb, slice);
+        if r.commands > 0 {
+            v.engine(e).stats.slices.observe(r.busy);
+        }
         {
             let mut q = slot.lock();
             q.rq.charge(v.id(), r.busy);

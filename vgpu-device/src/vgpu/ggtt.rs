@@ -297,6 +297,84 @@ impl Ggtt {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The guest entries of the partition, mappable pages first (for snapshots).
+    pub fn entries(&self) -> Vec<u64> {
+        self.guest.iter().map(|g| g.load(Ordering::Acquire)).collect()
+    }
+
+    /// Fault counter and last fault address (for snapshots).
+    pub fn fault_state(&self) -> (u64, u64) {
+        (self.fault_count(), self.last_fault().raw())
+    }
+
+    /// Replaces every entry with saved ones (a restore). Each valid entry is checked as a guest
+    /// write would be, except that a guest-physical target need not be mapped yet: the VMM
+    /// maps guest RAM after the device is restored, and [`Ggtt::refresh_guest_shadows`] builds
+    /// those shadows then. A bad entry rejects the whole restore and changes nothing.
+    pub fn restore(
+        &self,
+        entries: &[u64],
+        faults: (u64, u64),
+        lmem: &LmemSlice,
+        dma: &DmaMap,
+    ) -> Result<(), GgttError> {
+        if entries.len() != self.guest.len() {
+            return Err(GgttError::OutOfPartition(GmAddr(entries.len() as u64 * PAGE_SIZE)));
+        }
+        let gm_of = |i: usize| {
+            let off = i as u64 * PAGE_SIZE;
+            if off < self.mappable.size {
+                self.mappable.start.add(off)
+            } else {
+                self.hidden.start.add(off - self.mappable.size)
+            }
+        };
+        let mut shadows = Vec::with_capacity(entries.len());
+        for (i, &raw) in entries.iter().enumerate() {
+            let gm = gm_of(i);
+            let shadow = match self.validate(gm, raw, lmem, dma) {
+                Ok((_, shadow)) => shadow,
+                Err(GgttError::GuestNotMapped(_)) => 0,
+                Err(e) => return Err(e),
+            };
+            shadows.push(shadow);
+        }
+        for (i, &raw) in entries.iter().enumerate() {
+            self.guest[i].store(raw, Ordering::Release);
+            if let Some(s) = self.shadow.get(i) {
+                s.store(shadows[i], Ordering::Release);
+            }
+        }
+        self.faults.store(faults.0, Ordering::Relaxed);
+        self.last_fault.store(faults.1, Ordering::Relaxed);
+        *self.staged_lo.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Builds the missing shadows of guest-physical entries whose pages `dma` now maps (shadow
+    /// mode; after a restore the VMM maps guest RAM later).
+    pub fn refresh_guest_shadows(&self, lmem: &LmemSlice, dma: &DmaMap) {
+        if self.shadow.is_empty() {
+            return;
+        }
+        for (i, g) in self.guest.iter().enumerate() {
+            let raw = g.load(Ordering::Acquire);
+            if self.shadow[i].load(Ordering::Acquire) != 0 || raw & PTE_VALID == 0 {
+                continue;
+            }
+            if let Ok(Pte { target: PteTarget::GuestPhys(gpa), read_only }) = Pte::decode(raw) {
+                if let (Some(region), Some(page)) = (dma.region(Gpa(gpa)), dma.page(Gpa(gpa), false)) {
+                    let ro = read_only || !region.writable();
+                    let bits = page.as_ptr() as u64 | SHADOW_VALID | if ro { SHADOW_RO } else { 0 };
+                    self.shadow[i].store(bits, Ordering::Release);
+                }
+            }
+        }
+        let _ = lmem;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Drops the shadows of entries that point into `[gpa, gpa + size)` (the VMM unmapped it).
     /// Must run before the new DMA map is published, so no engine can load a stale shadow
     /// together with a map that no longer keeps the memory alive.

@@ -154,6 +154,27 @@ impl Interrupts {
         f(msix, *control, sink.as_ref())
     }
 
+    /// Status, mask, MSI-X table state and whether delivery is external (for snapshots).
+    pub fn save(&self) -> (u32, u32, crate::pci::MsixState) {
+        let msix = self.delivery().msix.state();
+        (self.status(), self.mask(), msix)
+    }
+
+    /// Restores status, mask and the MSI-X table (validated by `Msix::from_state`). Raises
+    /// nothing: a restored pending interrupt is delivered when the guest unmasks or clears it.
+    pub fn restore(
+        &self,
+        status: u32,
+        mask: u32,
+        msix: &crate::pci::MsixState,
+    ) -> Result<(), crate::pci::PciError> {
+        let table = Msix::from_state(msix)?;
+        self.delivery().msix = table;
+        self.status.store(status, Ordering::Release);
+        self.mask.store(mask, Ordering::Release);
+        Ok(())
+    }
+
     /// Back to reset: status clear, everything masked, MSI-X table reset.
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);

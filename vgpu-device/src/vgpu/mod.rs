@@ -4,10 +4,12 @@
 //! MSI-X, GGTT window) and BAR2 (the aperture, for transports that cannot map it). Engine work
 //! and interrupts go through [`VgpuShared`], which the engine workers share.
 
+pub mod dirty;
 pub mod display;
 pub mod ggtt;
 pub mod intr;
 mod mmio;
+pub mod persist;
 pub mod policy;
 pub mod shared;
 
@@ -158,7 +160,11 @@ impl Vgpu {
         Ok(())
     }
 
-    fn write_pv_block(&self) {
+    pub(crate) fn set_config(&mut self, config: ConfigSpace) {
+        self.config = config;
+    }
+
+    pub(crate) fn write_pv_block(&self) {
         let s = &self.shared;
         let p = s.partition();
         let set64 = |off: u32, v: u64| {

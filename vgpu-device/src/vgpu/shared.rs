@@ -9,6 +9,7 @@ use crate::audit::{AuditLog, Violation};
 use crate::dma::DmaMap;
 use crate::engine::context::EngineContext;
 use crate::phys::{LmemSlice, Partition, Profile};
+use crate::vgpu::dirty::DirtyLog;
 use crate::vgpu::ggtt::Ggtt;
 use crate::vgpu::intr::Interrupts;
 use crate::vgpu::policy::REG_DWORDS;
@@ -32,6 +33,8 @@ pub struct VgpuShared {
     pub engines: [EngineContext; Engine::COUNT],
     /// Audit events.
     pub audit: AuditLog,
+    /// Pages the engines wrote.
+    pub dirty: DirtyLog,
     flip_count: AtomicU32,
     bad_accesses: AtomicU64,
     notify: Mutex<Option<Arc<dyn WorkNotify>>>,
@@ -39,7 +42,13 @@ pub struct VgpuShared {
 
 impl VgpuShared {
     pub(crate) fn new(partition: Partition, ggtt: Ggtt, audit_capacity: usize) -> Self {
+        let base = partition
+            .lmem
+            .page(crate::addr::LmemOffset(0))
+            .map_or(0, |p| p.as_ptr() as usize);
+        let dirty = DirtyLog::new(base, partition.lmem.size());
         VgpuShared {
+            dirty,
             partition,
             ggtt,
             dma: RwLock::new(Arc::new(DmaMap::new())),
@@ -109,7 +118,14 @@ impl VgpuShared {
         for e in &self.engines {
             e.invalidate_ppgtt();
         }
+        // Entries restored before the VMM mapped guest RAM get their shadows now.
+        self.ggtt.refresh_guest_shadows(self.lmem(), &map);
         *self.dma.write().unwrap_or_else(PoisonError::into_inner) = map;
+        // A slice that started with the old map may still use its pages: wait for it to end,
+        // so that when this returns (and the VMM unmaps) no engine touches the old memory.
+        for e in &self.engines {
+            drop(e.exec_lock());
+        }
     }
 
     /// Reads a virtual register (BAR0 offset, dword aligned, inside the register file).
@@ -117,6 +133,11 @@ impl VgpuShared {
         self.vregs
             .get((offset / 4) as usize)
             .map_or(u32::MAX, |r| r.load(Ordering::Acquire))
+    }
+
+    /// The whole virtual register file (for snapshots).
+    pub fn vregs(&self) -> Vec<u32> {
+        self.vregs.iter().map(|r| r.load(Ordering::Acquire)).collect()
     }
 
     /// Writes a virtual register.
@@ -139,6 +160,10 @@ impl VgpuShared {
 
     pub(crate) fn reset_flip_count(&self) {
         self.flip_count.store(0, Ordering::Release);
+    }
+
+    pub(crate) fn set_flip_count(&self, v: u32) {
+        self.flip_count.store(v, Ordering::Release);
     }
 
     /// Counts a dropped or malformed guest access.

@@ -1,0 +1,220 @@
+//! Snapshot and restore of a vGPU: a tree of component states (the `vgpu-migration` format).
+//!
+//! | child | saved | rebuilt on restore |
+//! |---|---|---|
+//! | `header` | spec version, profile, local-memory size, GM ranges, GTT mode | — (checked for compatibility) |
+//! | `config` | PCI config space (BARs, command, MSI-X control, PCIe control) | the read-only header |
+//! | `msix` | MSI-X table and PBA | — |
+//! | `regs` | the virtual register file (rings, PPGTT roots, plane, scratch, GPRs) | PV block (from the partition) |
+//! | `intr` | `INTR_STATUS`, `INTR_MASK` | — |
+//! | `ggtt` | guest GGTT entries, fault counters | shadow entries (from the entries and the DMA map) |
+//! | `engine.<name>` | ring state, engine registers, error state, render state, queued submissions as scanned dwords, counters | decoded commands (decoded and checked again), PPGTT shadows, TLBs |
+//! | `display` | flip count | — |
+//! | `audit` | total events | the event list starts empty |
+//! | `lmem` (optional) | every non-zero page of local memory | zero pages |
+//!
+//! The device must be quiescent while saving (no engine executing it: pause it in the
+//! scheduler) and is restored before it is scheduled again. Restore checks every field and
+//! changes nothing when it fails.
+
+use serde::{Deserialize, Serialize};
+use vgpu_abi::{regs, Engine, PAGE_SIZE, SPEC_VERSION};
+use vgpu_migration::{MigrationError, Snapshot};
+
+use crate::addr::{GmRange, LmemOffset};
+use crate::engine::context::EngineState;
+use crate::pci::{ConfigSpace, ConfigSpaceState, MsixState};
+use crate::vgpu::policy::REG_DWORDS;
+use crate::vgpu::{GttMode, Vgpu};
+
+/// Compatibility record of a vGPU snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VgpuHeader {
+    /// `vgpu_abi::SPEC_VERSION` of the device that saved it.
+    pub spec_version: u32,
+    /// Profile name.
+    pub profile: String,
+    /// Local memory (aperture) size.
+    pub lmem_size: u64,
+    /// Mappable GM range (the guest uses physical GM numbering, so it must be the same).
+    pub mappable: GmRange,
+    /// Hidden GM range.
+    pub hidden: GmRange,
+    /// GTT mode of the saving device (informative: state is mode-independent).
+    pub gtt_mode: GttMode,
+}
+
+#[derive(Serialize, Deserialize)]
+struct GgttState {
+    entries: Vec<u64>,
+    faults: u64,
+    last_fault: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LmemState {
+    /// (page index, 4 KiB of data) for every page that is not all zeros.
+    pages: Vec<(u64, Vec<u8>)>,
+}
+
+fn invalid(reason: impl Into<String>) -> MigrationError {
+    MigrationError::Invalid { component: "vgpu".into(), reason: reason.into() }
+}
+
+fn engine_id(e: Engine) -> String {
+    format!("engine.{}", e.name())
+}
+
+impl Vgpu {
+    /// The compatibility record of this vGPU.
+    pub fn header(&self) -> VgpuHeader {
+        let s = self.shared();
+        VgpuHeader {
+            spec_version: SPEC_VERSION,
+            profile: s.profile().name.into(),
+            lmem_size: s.lmem().size(),
+            mappable: s.ggtt.mappable(),
+            hidden: s.ggtt.hidden(),
+            gtt_mode: s.ggtt.mode(),
+        }
+    }
+
+    /// Checks that a snapshot with `h` can be restored into this vGPU.
+    pub fn check_compatible(&self, h: &VgpuHeader) -> Result<(), MigrationError> {
+        let mine = self.header();
+        if h.spec_version != mine.spec_version {
+            return Err(invalid(format!("spec version {:#x}, this device implements {:#x}", h.spec_version, mine.spec_version)));
+        }
+        if h.profile != mine.profile || h.lmem_size != mine.lmem_size {
+            return Err(invalid(format!(
+                "profile {} with {} MiB, this vGPU is {} with {} MiB",
+                h.profile,
+                h.lmem_size >> 20,
+                mine.profile,
+                mine.lmem_size >> 20
+            )));
+        }
+        if h.mappable != mine.mappable || h.hidden != mine.hidden {
+            return Err(invalid("GM partition differs (create the vGPU at the snapshot's GM ranges)"));
+        }
+        Ok(())
+    }
+
+    /// Saves the vGPU (without local memory unless `with_lmem`). The vGPU must be quiescent.
+    pub fn save(&self, with_lmem: bool) -> Result<Snapshot, MigrationError> {
+        let s = self.shared();
+        let mut root = Snapshot::new("vgpu");
+        root.add(Snapshot::with_state("header", &self.header())?);
+        root.add(Snapshot::with_state("config", &self.config_space().state())?);
+        let (status, mask, msix) = s.intr.save();
+        root.add(Snapshot::with_state("msix", &msix)?);
+        root.add(Snapshot::with_state("intr", &(status, mask))?);
+        root.add(Snapshot::with_state("regs", &s.vregs())?);
+        let (faults, last_fault) = s.ggtt.fault_state();
+        root.add(Snapshot::with_state("ggtt", &GgttState { entries: s.ggtt.entries(), faults, last_fault })?);
+        for e in Engine::ALL {
+            root.add(Snapshot::with_state(engine_id(e), &s.engine(e).save())?);
+        }
+        root.add(Snapshot::with_state("display", &s.flip_count())?);
+        root.add(Snapshot::with_state("audit", &s.audit.total())?);
+        if with_lmem {
+            let mut pages = Vec::new();
+            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            for i in 0..s.lmem().size() / PAGE_SIZE {
+                s.lmem().read(LmemOffset(i * PAGE_SIZE), &mut buf).map_err(|e| invalid(e.to_string()))?;
+                if buf.iter().any(|&b| b != 0) {
+                    pages.push((i, buf.clone()));
+                }
+            }
+            root.add(Snapshot::with_state("lmem", &LmemState { pages })?);
+        }
+        Ok(root)
+    }
+
+    /// Restores a saved vGPU into this one (same profile and GM ranges; see
+    /// [`Vgpu::check_compatible`]). Everything is decoded and checked before anything changes.
+    /// The vGPU must not be scheduled while this runs.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<(), MigrationError> {
+        snap.check_bounds()?;
+        let header: VgpuHeader = snap.child_state("header")?;
+        self.check_compatible(&header)?;
+        // Decode and validate everything first.
+        let cfg_state: ConfigSpaceState = snap.child_state("config")?;
+        let config = ConfigSpace::from_state(self.shared().lmem().size(), &cfg_state).map_err(|e| invalid(format!("config space: {e}")))?;
+        let msix: MsixState = snap.child_state("msix")?;
+        crate::pci::Msix::from_state(&msix).map_err(|e| invalid(format!("MSI-X: {e}")))?;
+        let (status, mask): (u32, u32) = snap.child_state("intr")?;
+        let vregs: Vec<u32> = snap.child_state("regs")?;
+        if vregs.len() != REG_DWORDS {
+            return Err(invalid(format!("register file of {} dwords", vregs.len())));
+        }
+        let ggtt: GgttState = snap.child_state("ggtt")?;
+        let mut engines = Vec::new();
+        for e in Engine::ALL {
+            let st: EngineState = snap.child_state(&engine_id(e))?;
+            if st.ring_enabled && !self.shared().has_engine(e) {
+                return Err(invalid(format!("engine {} enabled but absent from the profile", e.name())));
+            }
+            engines.push((e, st));
+        }
+        let flips: u32 = snap.child_state("display")?;
+        let audits: u64 = snap.child_state("audit")?;
+        let lmem: Option<LmemState> = match snap.child("lmem") {
+            Ok(c) => Some(c.state()?),
+            Err(_) => None,
+        };
+        if let Some(l) = &lmem {
+            let pages = self.shared().lmem().size() / PAGE_SIZE;
+            if l.pages.iter().any(|(i, d)| *i >= pages || d.len() != PAGE_SIZE as usize) {
+                return Err(invalid("local-memory page out of range or of the wrong size"));
+            }
+        }
+        // Check the engine states against a scratch context first, so a bad one changes nothing.
+        for (e, st) in &engines {
+            let ring_size = vregs[((regs::engine_base(*e) + regs::RING_SIZE) / 4) as usize];
+            crate::engine::context::EngineContext::new(*e)
+                .restore(st, ring_size)
+                .map_err(|err| invalid(err.to_string()))?;
+        }
+        let s = self.shared().clone();
+        let dma = s.dma();
+        s.ggtt
+            .restore(&ggtt.entries, (ggtt.faults, ggtt.last_fault), s.lmem(), &dma)
+            .map_err(|e| invalid(format!("GGTT: {e}")))?;
+        // From here on nothing fails.
+        for (off, v) in vregs.iter().enumerate() {
+            s.set_vreg(u32::try_from(off * 4).unwrap_or(u32::MAX), *v);
+        }
+        self.write_pv_block();
+        s.intr.restore(status, mask, &msix).map_err(|e| invalid(format!("MSI-X: {e}")))?;
+        s.intr.set_control(config.msix_control());
+        self.set_config(config);
+        for (e, st) in &engines {
+            let ring_size = s.vreg(regs::engine_base(*e) + regs::RING_SIZE);
+            s.engine(*e).restore(st, ring_size).map_err(|err| invalid(err.to_string()))?;
+        }
+        s.set_flip_count(flips);
+        s.audit.set_total(audits);
+        if let Some(l) = lmem {
+            s.lmem().scrub().map_err(|e| invalid(e.to_string()))?;
+            for (i, data) in &l.pages {
+                s.lmem().write(LmemOffset(i * PAGE_SIZE), data).map_err(|e| invalid(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl vgpu_migration::Snapshottable for Vgpu {
+    fn id(&self) -> String {
+        "vgpu".into()
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, MigrationError> {
+        self.save(true)
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigrationError> {
+        Vgpu::restore(self, snapshot)
+    }
+}
