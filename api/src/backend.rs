@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
@@ -20,6 +21,7 @@ use vfio_bindings::bindings::vfio::{
 use vgpu_abi::pci::{BAR0_SIZE, MSIX_VECTORS};
 use vgpu_device::addr::Gpa;
 use vgpu_device::dma::DmaMap;
+use vgpu_device::hist::Histogram;
 use vgpu_device::vgpu::Vgpu;
 use vgpu_vfio_user::{Backend, BackendError, DeviceInfo, DmaRegion, IrqInfo, RegionInfo};
 
@@ -35,6 +37,8 @@ pub struct VgpuBackend {
     dma: DmaMap,
     /// Regions mapped without shared memory: accepted, but unreachable for engines.
     no_shm: Vec<(u64, u64)>,
+    /// Time spent handling each trapped region access (the device's share of a trap).
+    trap: Arc<Histogram>,
 }
 
 impl VgpuBackend {
@@ -51,7 +55,14 @@ impl VgpuBackend {
             irq,
             dma: DmaMap::new(),
             no_shm: Vec::new(),
+            trap: Arc::default(),
         }
+    }
+
+    /// The trap-latency histogram: time from the server handing a region access to the
+    /// backend until the device has handled it (the vGPU lock wait included).
+    pub fn trap_latency(&self) -> &Arc<Histogram> {
+        &self.trap
     }
 
     fn vgpu(&self) -> MutexGuard<'_, Vgpu> {
@@ -61,6 +72,45 @@ impl VgpuBackend {
     /// The eventfd sink (for tests and stats).
     pub fn interrupts(&self) -> &Arc<EventFdSink> {
         &self.irq
+    }
+
+    fn read_region(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
+        let v = self.vgpu();
+        match index {
+            VFIO_PCI_BAR0_REGION_INDEX => v.bar0_read(offset, data),
+            VFIO_PCI_BAR2_REGION_INDEX => v.bar2_read(offset, data),
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                let off = u16::try_from(offset)
+                    .map_err(|_| BackendError::Invalid("config offset".into()))?;
+                v.config_read(off, data);
+            }
+            _ => {
+                return Err(BackendError::Invalid(format!(
+                    "region {index} has no accesses"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn write_region(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        let mut v = self.vgpu();
+        match index {
+            VFIO_PCI_BAR0_REGION_INDEX => v.bar0_write(offset, data),
+            VFIO_PCI_BAR2_REGION_INDEX => v.bar2_write(offset, data),
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                let off = u16::try_from(offset)
+                    .map_err(|_| BackendError::Invalid("config offset".into()))?;
+                // BAR moves and command-register changes are the client's to apply on its bus.
+                let _ = v.config_write(off, data);
+            }
+            _ => {
+                return Err(BackendError::Invalid(format!(
+                    "region {index} has no accesses"
+                )))
+            }
+        }
+        Ok(())
     }
 }
 
@@ -130,42 +180,17 @@ impl Backend for VgpuBackend {
         offset: u64,
         data: &mut [u8],
     ) -> Result<(), BackendError> {
-        let v = self.vgpu();
-        match index {
-            VFIO_PCI_BAR0_REGION_INDEX => v.bar0_read(offset, data),
-            VFIO_PCI_BAR2_REGION_INDEX => v.bar2_read(offset, data),
-            VFIO_PCI_CONFIG_REGION_INDEX => {
-                let off = u16::try_from(offset)
-                    .map_err(|_| BackendError::Invalid("config offset".into()))?;
-                v.config_read(off, data);
-            }
-            _ => {
-                return Err(BackendError::Invalid(format!(
-                    "region {index} has no accesses"
-                )))
-            }
-        }
-        Ok(())
+        let t0 = Instant::now();
+        let r = self.read_region(index, offset, data);
+        self.trap.observe(t0.elapsed());
+        r
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        let mut v = self.vgpu();
-        match index {
-            VFIO_PCI_BAR0_REGION_INDEX => v.bar0_write(offset, data),
-            VFIO_PCI_BAR2_REGION_INDEX => v.bar2_write(offset, data),
-            VFIO_PCI_CONFIG_REGION_INDEX => {
-                let off = u16::try_from(offset)
-                    .map_err(|_| BackendError::Invalid("config offset".into()))?;
-                // BAR moves and command-register changes are the client's to apply on its bus.
-                let _ = v.config_write(off, data);
-            }
-            _ => {
-                return Err(BackendError::Invalid(format!(
-                    "region {index} has no accesses"
-                )))
-            }
-        }
-        Ok(())
+        let t0 = Instant::now();
+        let r = self.write_region(index, offset, data);
+        self.trap.observe(t0.elapsed());
+        r
     }
 
     fn set_irqs(

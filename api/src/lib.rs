@@ -1,6 +1,11 @@
 //! `vgpud`: the daemon that owns the software physical GPU and serves each vGPU to a VMM over
-//! vfio-user; later also its REST API and the `vgpuctl` CLI.
+//! vfio-user, its REST API ([`rest`], with [`metrics`]) and the client `vgpuctl` uses
+//! ([`client`]).
 
 pub mod backend;
+pub mod client;
 pub mod daemon;
 pub mod irq;
+pub mod metrics;
+pub mod model;
+pub mod rest;

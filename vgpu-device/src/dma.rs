@@ -209,7 +209,8 @@ impl DmaMap {
     /// The guest-physical address of host address `host`, if it lies in a mapped region.
     pub fn gpa_of_host(&self, host: usize) -> Option<u64> {
         self.regions.values().find_map(|r| {
-            let start = (r.mapping.as_ptr() as usize).checked_add(usize::try_from(r.offset).ok()?)?;
+            let start =
+                (r.mapping.as_ptr() as usize).checked_add(usize::try_from(r.offset).ok()?)?;
             let off = host.checked_sub(start)?;
             (u64::try_from(off).ok()? < r.size).then(|| r.gpa.raw() + off as u64)
         })

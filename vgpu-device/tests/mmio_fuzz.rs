@@ -2645,7 +2645,10 @@ fn test_regression_ggtt_shadow_follows_dma_remap_of_same_range() {
                 // memory.
                 assert_eq!(code, 0, "{mode:?}");
             } else {
-                assert_ne!(code, 0, "{mode:?}: the write through a read-only mapping faulted");
+                assert_ne!(
+                    code, 0,
+                    "{mode:?}: the write through a read-only mapping faulted"
+                );
             }
         }
     }

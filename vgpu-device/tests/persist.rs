@@ -9,7 +9,7 @@ use vgpu_abi::cmd::{enc, BPP_32, ROP_PATCOPY, ROP_SRCCOPY};
 use vgpu_abi::gtt::pte_guest;
 use vgpu_abi::{regs, Engine, PAGE_SIZE};
 use vgpu_device::driver::{DeviceAccess, Driver, Inline};
-use vgpu_device::phys::{profile, PhysGpu};
+use vgpu_device::phys::profile;
 use vgpu_device::vgpu::{GttMode, Vgpu, VgpuConfig};
 use vgpu_migration::{decode, encode, Snapshot, Snapshottable};
 
@@ -41,7 +41,15 @@ vgpu_migration::snapshot_roundtrip_test!(
 fn workload(d: &mut Driver<Inline<'_>>, from: u32, to: u32) {
     for i in from..to {
         let tile = 0x10_0000 + u64::from(i) * 0x4000;
-        let fill = enc::color_blt(ROP_PATCOPY, BPP_32, d.gm_of_lmem(0x8000), 256, 64, 16, 0x0101_0101 * (i + 1));
+        let fill = enc::color_blt(
+            ROP_PATCOPY,
+            BPP_32,
+            d.gm_of_lmem(0x8000),
+            256,
+            64,
+            16,
+            0x0101_0101 * (i + 1),
+        );
         let copy = enc::src_copy_blt(enc::Copy {
             rop: ROP_SRCCOPY,
             bpp: BPP_32,
@@ -53,7 +61,8 @@ fn workload(d: &mut Driver<Inline<'_>>, from: u32, to: u32) {
             height: 16,
             pattern: 0,
         });
-        d.submit(Engine::Blit, &[fill.as_slice(), &copy].concat()).unwrap();
+        d.submit(Engine::Blit, &[fill.as_slice(), &copy].concat())
+            .unwrap();
     }
 }
 
@@ -70,7 +79,8 @@ fn run_case(mode: GttMode) {
     {
         let mut d = Driver::probe(Inline(&mut reference)).unwrap();
         workload(&mut d, 0, 8);
-        d.wait_idle(Engine::Blit, std::time::Duration::from_secs(10)).unwrap();
+        d.wait_idle(Engine::Blit, std::time::Duration::from_secs(10))
+            .unwrap();
     }
     let want = lmem_bytes(&mut reference);
 
@@ -91,26 +101,57 @@ fn run_case(mode: GttMode) {
     }
     let mut tlb = vgpu_device::engine::translate::Tlb::default();
     for _ in 0..3 {
-        vgpu_device::engine::exec::run_slice(&shared, Engine::Blit, &mut tlb, std::time::Duration::ZERO);
+        vgpu_device::engine::exec::run_slice(
+            &shared,
+            Engine::Blit,
+            &mut tlb,
+            std::time::Duration::ZERO,
+        );
     }
-    assert!(shared.engine(Engine::Blit).has_work(), "work left at the snapshot");
+    assert!(
+        shared.engine(Engine::Blit).has_work(),
+        "work left at the snapshot"
+    );
     let bytes = encode(&src.save(true).unwrap()).unwrap();
 
     // Restore into a fresh physical GPU at the same GM ranges, finish there.
     let header = src.header();
     let mut p3 = phys(64);
     let part = p3
-        .create_partition_at(profile("mini").unwrap(), header.mappable.start, header.hidden.start)
+        .create_partition_at(
+            profile("mini").unwrap(),
+            header.mappable.start,
+            header.hidden.start,
+        )
         .unwrap();
-    let other_mode = if mode == GttMode::Shadow { GttMode::TwoDim } else { GttMode::Shadow };
-    let mut dst = Vgpu::new(part, &VgpuConfig { gtt_mode: other_mode, ..Default::default() }).unwrap();
+    let other_mode = if mode == GttMode::Shadow {
+        GttMode::TwoDim
+    } else {
+        GttMode::Shadow
+    };
+    let mut dst = Vgpu::new(
+        part,
+        &VgpuConfig {
+            gtt_mode: other_mode,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     dst.restore(&decode(&bytes).unwrap()).unwrap();
     vgpu_device::engine::exec::run_until_idle(dst.shared(), 1000);
     assert!(!dst.shared().engine(Engine::Blit).in_error());
-    assert_eq!(lmem_bytes(&mut dst), want, "restored run finishes bit-identical ({mode:?} -> {other_mode:?})");
+    assert_eq!(
+        lmem_bytes(&mut dst),
+        want,
+        "restored run finishes bit-identical ({mode:?} -> {other_mode:?})"
+    );
     let b = regs::engine_base(Engine::Blit);
     let mut d = Driver::probe(Inline(&mut dst)).unwrap();
-    assert_eq!(d.read32(b + regs::RING_HEAD), d.read32(b + regs::RING_TAIL), "HEAD caught up with TAIL");
+    assert_eq!(
+        d.read32(b + regs::RING_HEAD),
+        d.read32(b + regs::RING_TAIL),
+        "HEAD caught up with TAIL"
+    );
 }
 
 /// A transport that never runs the engines (submissions stay queued).
@@ -135,7 +176,15 @@ impl DeviceAccess for NoProgress<'_> {
 fn workload_np(d: &mut Driver<NoProgress<'_>>, from: u32, to: u32) {
     for i in from..to {
         let tile = 0x10_0000 + u64::from(i) * 0x4000;
-        let fill = enc::color_blt(ROP_PATCOPY, BPP_32, d.gm_of_lmem(0x8000), 256, 64, 16, 0x0101_0101 * (i + 1));
+        let fill = enc::color_blt(
+            ROP_PATCOPY,
+            BPP_32,
+            d.gm_of_lmem(0x8000),
+            256,
+            64,
+            16,
+            0x0101_0101 * (i + 1),
+        );
         let copy = enc::src_copy_blt(enc::Copy {
             rop: ROP_SRCCOPY,
             bpp: BPP_32,
@@ -147,7 +196,8 @@ fn workload_np(d: &mut Driver<NoProgress<'_>>, from: u32, to: u32) {
             height: 16,
             pattern: 0,
         });
-        d.submit(Engine::Blit, &[fill.as_slice(), &copy].concat()).unwrap();
+        d.submit(Engine::Blit, &[fill.as_slice(), &copy].concat())
+            .unwrap();
     }
 }
 
@@ -181,7 +231,8 @@ fn test_hostile_snapshots_rejected_without_change() {
     let mut s = good.clone();
     let mut eng: vgpu_device::engine::context::EngineState = s.child_state("engine.blit").unwrap();
     assert!(!eng.pending.is_empty());
-    eng.pending[0].cmds[0].raw = enc::load_register_imm(regs::engine_base(Engine::Blit) + regs::RING_BASE_LO, 0).to_vec();
+    eng.pending[0].cmds[0].raw =
+        enc::load_register_imm(regs::engine_base(Engine::Blit) + regs::RING_BASE_LO, 0).to_vec();
     set_child(&mut s, "engine.blit", &eng);
     let err = v.restore(&s).unwrap_err().to_string();
     assert!(err.contains("forbidden_register"), "{err}");
@@ -195,9 +246,29 @@ fn test_hostile_snapshots_rejected_without_change() {
     }
     let g: G = good.child_state("ggtt").unwrap();
     for bad in [
-        G { entries: g.entries[1..].to_vec(), faults: 0, last_fault: 0 },
-        G { entries: { let mut e = g.entries.clone(); e[5] = pte_guest(0x1000) | 1 << 9; e }, faults: 0, last_fault: 0 },
-        G { entries: { let mut e = g.entries.clone(); e[5] = vgpu_abi::gtt::pte_local(1 << 30); e }, faults: 0, last_fault: 0 },
+        G {
+            entries: g.entries[1..].to_vec(),
+            faults: 0,
+            last_fault: 0,
+        },
+        G {
+            entries: {
+                let mut e = g.entries.clone();
+                e[5] = pte_guest(0x1000) | 1 << 9;
+                e
+            },
+            faults: 0,
+            last_fault: 0,
+        },
+        G {
+            entries: {
+                let mut e = g.entries.clone();
+                e[5] = vgpu_abi::gtt::pte_local(1 << 30);
+                e
+            },
+            faults: 0,
+            last_fault: 0,
+        },
     ] {
         let mut s = good.clone();
         set_child(&mut s, "ggtt", &bad);

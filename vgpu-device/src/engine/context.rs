@@ -507,7 +507,11 @@ impl EngineContext {
                     cmds: sub
                         .cmds
                         .iter()
-                        .map(|c| CommandState { raw: c.raw.clone(), addr: c.addr.raw(), head_after: c.head_after })
+                        .map(|c| CommandState {
+                            raw: c.raw.clone(),
+                            addr: c.addr.raw(),
+                            head_after: c.head_after,
+                        })
                         .collect(),
                     ppgtt_root: sub.ppgtt_root,
                     tail: sub.tail,
@@ -531,20 +535,34 @@ impl EngineContext {
     /// (a snapshot is untrusted: commands that would not pass the scanner are rejected, and
     /// addresses are checked again when they execute). `ring_size` bounds the ring offsets.
     pub fn restore(&self, s: &EngineState, ring_size: u32) -> Result<(), EngineStateError> {
-        let bad = |reason: String| EngineStateError { engine: self.engine.name(), reason };
+        let bad = |reason: String| EngineStateError {
+            engine: self.engine.name(),
+            reason,
+        };
         let limit = ring_size.max(1);
-        if s.ring_enabled && (s.submitted >= limit || s.head >= limit || s.submitted % 4 != 0) {
-            return Err(bad(format!("ring offsets {}/{} outside a ring of {ring_size}", s.head, s.submitted)));
+        if s.ring_enabled
+            && (s.submitted >= limit || s.head >= limit || !s.submitted.is_multiple_of(4))
+        {
+            return Err(bad(format!(
+                "ring offsets {}/{} outside a ring of {ring_size}",
+                s.head, s.submitted
+            )));
         }
-        if s.status & !(vgpu_abi::regs::ENGINE_STATUS_ERROR | ENGINE_STATUS_IDLE | ENGINE_STATUS_WAITING) != 0 {
+        if s.status
+            & !(vgpu_abi::regs::ENGINE_STATUS_ERROR | ENGINE_STATUS_IDLE | ENGINE_STATUS_WAITING)
+            != 0
+        {
             return Err(bad(format!("status {:#x}", s.status)));
         }
         if s.error.0 != 0 && AuditReason::from_code(s.error.0).is_none() {
             return Err(bad(format!("error code {}", s.error.0)));
         }
-        s.render.validate().map_err(|e| bad(format!("render state: {e}")))?;
+        s.render
+            .validate()
+            .map_err(|e| bad(format!("render state: {e}")))?;
         if let Some(surf) = &s.scan_surface {
-            surf.validate().map_err(|e| bad(format!("scan surface: {e}")))?;
+            surf.validate()
+                .map_err(|e| bad(format!("scan surface: {e}")))?;
         }
         const MAX_PENDING: usize = 4096;
         if s.pending.len() > MAX_PENDING {
@@ -553,15 +571,27 @@ impl EngineContext {
         let mut pending = VecDeque::with_capacity(s.pending.len());
         for sub in &s.pending {
             if sub.tail >= limit {
-                return Err(bad(format!("submission tail {} outside the ring", sub.tail)));
+                return Err(bad(format!(
+                    "submission tail {} outside the ring",
+                    sub.tail
+                )));
             }
             let mut cmds = Vec::with_capacity(sub.cmds.len());
             for c in &sub.cmds {
                 let kind = match crate::engine::scanner::decode(self.engine, &c.raw) {
                     Ok(crate::engine::scanner::Decoded::Exec(kind)) => kind,
-                    Ok(other) => return Err(bad(format!("saved command at {:#x} is not executable: {other:?}", c.addr))),
+                    Ok(other) => {
+                        return Err(bad(format!(
+                            "saved command at {:#x} is not executable: {other:?}",
+                            c.addr
+                        )))
+                    }
                     Err((reason, detail)) => {
-                        return Err(bad(format!("saved command at {:#x}: {} ({detail})", c.addr, reason.name())))
+                        return Err(bad(format!(
+                            "saved command at {:#x}: {} ({detail})",
+                            c.addr,
+                            reason.name()
+                        )))
                     }
                 };
                 if c.head_after.is_some_and(|h| h >= limit) {

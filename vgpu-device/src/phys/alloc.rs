@@ -94,7 +94,7 @@ impl RangeAllocator {
     /// Allocates exactly `[start, start + size)` (`size` rounded up to pages), if it is free.
     pub fn alloc_at(&mut self, start: u64, size: u64) -> Option<u64> {
         let size = page_round(size)?;
-        if start % vgpu_abi::PAGE_SIZE != 0 {
+        if !start.is_multiple_of(vgpu_abi::PAGE_SIZE) {
             return None;
         }
         let end = start.checked_add(size)?;

@@ -10,6 +10,9 @@ use std::sync::{Mutex, PoisonError};
 
 use vgpu_abi::PAGE_SIZE;
 
+/// `PAGE_SIZE` as a `usize`.
+const PAGE: usize = 4096;
+
 use crate::dma::DmaMap;
 use crate::mem::HostPage;
 
@@ -50,9 +53,12 @@ impl DirtyLog {
             return;
         }
         let p = page.as_ptr() as usize;
-        if let Some(off) = p.checked_sub(self.lmem_base).filter(|o| *o / (PAGE_SIZE as usize) < self.lmem_pages) {
+        if let Some(off) = p
+            .checked_sub(self.lmem_base)
+            .filter(|o| *o / (PAGE) < self.lmem_pages)
+        {
             if lmem_on {
-                let i = off / PAGE_SIZE as usize;
+                let i = off / PAGE;
                 self.lmem[i / 64].fetch_or(1 << (i % 64), Ordering::AcqRel);
             }
             return;
@@ -96,14 +102,20 @@ impl DirtyLog {
 
     /// Starts logging guest-RAM writes (clearing the log).
     pub fn start_gpa(&self) {
-        self.gpa.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.gpa
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         self.gpa_active.store(true, Ordering::Release);
     }
 
     /// Stops logging guest-RAM writes.
     pub fn stop_gpa(&self) {
         self.gpa_active.store(false, Ordering::Release);
-        self.gpa.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.gpa
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Whether guest-RAM logging is on.

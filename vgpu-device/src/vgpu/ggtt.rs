@@ -299,7 +299,10 @@ impl Ggtt {
 
     /// The guest entries of the partition, mappable pages first (for snapshots).
     pub fn entries(&self) -> Vec<u64> {
-        self.guest.iter().map(|g| g.load(Ordering::Acquire)).collect()
+        self.guest
+            .iter()
+            .map(|g| g.load(Ordering::Acquire))
+            .collect()
     }
 
     /// Fault counter and last fault address (for snapshots).
@@ -319,7 +322,9 @@ impl Ggtt {
         dma: &DmaMap,
     ) -> Result<(), GgttError> {
         if entries.len() != self.guest.len() {
-            return Err(GgttError::OutOfPartition(GmAddr(entries.len() as u64 * PAGE_SIZE)));
+            return Err(GgttError::OutOfPartition(GmAddr(
+                entries.len() as u64 * PAGE_SIZE,
+            )));
         }
         let gm_of = |i: usize| {
             let off = i as u64 * PAGE_SIZE;
@@ -347,7 +352,10 @@ impl Ggtt {
         }
         self.faults.store(faults.0, Ordering::Relaxed);
         self.last_fault.store(faults.1, Ordering::Relaxed);
-        *self.staged_lo.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *self
+            .staged_lo
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -363,8 +371,14 @@ impl Ggtt {
             if self.shadow[i].load(Ordering::Acquire) != 0 || raw & PTE_VALID == 0 {
                 continue;
             }
-            if let Ok(Pte { target: PteTarget::GuestPhys(gpa), read_only }) = Pte::decode(raw) {
-                if let (Some(region), Some(page)) = (dma.region(Gpa(gpa)), dma.page(Gpa(gpa), false)) {
+            if let Ok(Pte {
+                target: PteTarget::GuestPhys(gpa),
+                read_only,
+            }) = Pte::decode(raw)
+            {
+                if let (Some(region), Some(page)) =
+                    (dma.region(Gpa(gpa)), dma.page(Gpa(gpa), false))
+                {
                     let ro = read_only || !region.writable();
                     let bits = page.as_ptr() as u64 | SHADOW_VALID | if ro { SHADOW_RO } else { 0 };
                     self.shadow[i].store(bits, Ordering::Release);

@@ -57,8 +57,14 @@ struct LmemState {
     pages: Vec<(u64, Vec<u8>)>,
 }
 
+/// `PAGE_SIZE` as a `usize`.
+const PAGE: usize = 4096;
+
 fn invalid(reason: impl Into<String>) -> MigrationError {
-    MigrationError::Invalid { component: "vgpu".into(), reason: reason.into() }
+    MigrationError::Invalid {
+        component: "vgpu".into(),
+        reason: reason.into(),
+    }
 }
 
 fn engine_id(e: Engine) -> String {
@@ -83,7 +89,10 @@ impl Vgpu {
     pub fn check_compatible(&self, h: &VgpuHeader) -> Result<(), MigrationError> {
         let mine = self.header();
         if h.spec_version != mine.spec_version {
-            return Err(invalid(format!("spec version {:#x}, this device implements {:#x}", h.spec_version, mine.spec_version)));
+            return Err(invalid(format!(
+                "spec version {:#x}, this device implements {:#x}",
+                h.spec_version, mine.spec_version
+            )));
         }
         if h.profile != mine.profile || h.lmem_size != mine.lmem_size {
             return Err(invalid(format!(
@@ -95,7 +104,9 @@ impl Vgpu {
             )));
         }
         if h.mappable != mine.mappable || h.hidden != mine.hidden {
-            return Err(invalid("GM partition differs (create the vGPU at the snapshot's GM ranges)"));
+            return Err(invalid(
+                "GM partition differs (create the vGPU at the snapshot's GM ranges)",
+            ));
         }
         Ok(())
     }
@@ -105,13 +116,23 @@ impl Vgpu {
         let s = self.shared();
         let mut root = Snapshot::new("vgpu");
         root.add(Snapshot::with_state("header", &self.header())?);
-        root.add(Snapshot::with_state("config", &self.config_space().state())?);
+        root.add(Snapshot::with_state(
+            "config",
+            &self.config_space().state(),
+        )?);
         let (status, mask, msix) = s.intr.save();
         root.add(Snapshot::with_state("msix", &msix)?);
         root.add(Snapshot::with_state("intr", &(status, mask))?);
         root.add(Snapshot::with_state("regs", &s.vregs())?);
         let (faults, last_fault) = s.ggtt.fault_state();
-        root.add(Snapshot::with_state("ggtt", &GgttState { entries: s.ggtt.entries(), faults, last_fault })?);
+        root.add(Snapshot::with_state(
+            "ggtt",
+            &GgttState {
+                entries: s.ggtt.entries(),
+                faults,
+                last_fault,
+            },
+        )?);
         for e in Engine::ALL {
             root.add(Snapshot::with_state(engine_id(e), &s.engine(e).save())?);
         }
@@ -119,9 +140,11 @@ impl Vgpu {
         root.add(Snapshot::with_state("audit", &s.audit.total())?);
         if with_lmem {
             let mut pages = Vec::new();
-            let mut buf = vec![0u8; PAGE_SIZE as usize];
+            let mut buf = vec![0u8; PAGE];
             for i in 0..s.lmem().size() / PAGE_SIZE {
-                s.lmem().read(LmemOffset(i * PAGE_SIZE), &mut buf).map_err(|e| invalid(e.to_string()))?;
+                s.lmem()
+                    .read(LmemOffset(i * PAGE_SIZE), &mut buf)
+                    .map_err(|e| invalid(e.to_string()))?;
                 if buf.iter().any(|&b| b != 0) {
                     pages.push((i, buf.clone()));
                 }
@@ -140,7 +163,8 @@ impl Vgpu {
         self.check_compatible(&header)?;
         // Decode and validate everything first.
         let cfg_state: ConfigSpaceState = snap.child_state("config")?;
-        let config = ConfigSpace::from_state(self.shared().lmem().size(), &cfg_state).map_err(|e| invalid(format!("config space: {e}")))?;
+        let config = ConfigSpace::from_state(self.shared().lmem().size(), &cfg_state)
+            .map_err(|e| invalid(format!("config space: {e}")))?;
         let msix: MsixState = snap.child_state("msix")?;
         crate::pci::Msix::from_state(&msix).map_err(|e| invalid(format!("MSI-X: {e}")))?;
         let (status, mask): (u32, u32) = snap.child_state("intr")?;
@@ -153,7 +177,10 @@ impl Vgpu {
         for e in Engine::ALL {
             let st: EngineState = snap.child_state(&engine_id(e))?;
             if st.ring_enabled && !self.shared().has_engine(e) {
-                return Err(invalid(format!("engine {} enabled but absent from the profile", e.name())));
+                return Err(invalid(format!(
+                    "engine {} enabled but absent from the profile",
+                    e.name()
+                )));
             }
             engines.push((e, st));
         }
@@ -165,8 +192,10 @@ impl Vgpu {
         };
         if let Some(l) = &lmem {
             let pages = self.shared().lmem().size() / PAGE_SIZE;
-            if l.pages.iter().any(|(i, d)| *i >= pages || d.len() != PAGE_SIZE as usize) {
-                return Err(invalid("local-memory page out of range or of the wrong size"));
+            if l.pages.iter().any(|(i, d)| *i >= pages || d.len() != PAGE) {
+                return Err(invalid(
+                    "local-memory page out of range or of the wrong size",
+                ));
             }
         }
         // Check the engine states against a scratch context first, so a bad one changes nothing.
@@ -179,26 +208,37 @@ impl Vgpu {
         let s = self.shared().clone();
         let dma = s.dma();
         s.ggtt
-            .restore(&ggtt.entries, (ggtt.faults, ggtt.last_fault), s.lmem(), &dma)
+            .restore(
+                &ggtt.entries,
+                (ggtt.faults, ggtt.last_fault),
+                s.lmem(),
+                &dma,
+            )
             .map_err(|e| invalid(format!("GGTT: {e}")))?;
         // From here on nothing fails.
         for (off, v) in vregs.iter().enumerate() {
             s.set_vreg(u32::try_from(off * 4).unwrap_or(u32::MAX), *v);
         }
         self.write_pv_block();
-        s.intr.restore(status, mask, &msix).map_err(|e| invalid(format!("MSI-X: {e}")))?;
+        s.intr
+            .restore(status, mask, &msix)
+            .map_err(|e| invalid(format!("MSI-X: {e}")))?;
         s.intr.set_control(config.msix_control());
         self.set_config(config);
         for (e, st) in &engines {
             let ring_size = s.vreg(regs::engine_base(*e) + regs::RING_SIZE);
-            s.engine(*e).restore(st, ring_size).map_err(|err| invalid(err.to_string()))?;
+            s.engine(*e)
+                .restore(st, ring_size)
+                .map_err(|err| invalid(err.to_string()))?;
         }
         s.set_flip_count(flips);
         s.audit.set_total(audits);
         if let Some(l) = lmem {
             s.lmem().scrub().map_err(|e| invalid(e.to_string()))?;
             for (i, data) in &l.pages {
-                s.lmem().write(LmemOffset(i * PAGE_SIZE), data).map_err(|e| invalid(e.to_string()))?;
+                s.lmem()
+                    .write(LmemOffset(i * PAGE_SIZE), data)
+                    .map_err(|e| invalid(e.to_string()))?;
             }
         }
         Ok(())

@@ -137,7 +137,10 @@ impl VgpuShared {
 
     /// The whole virtual register file (for snapshots).
     pub fn vregs(&self) -> Vec<u32> {
-        self.vregs.iter().map(|r| r.load(Ordering::Acquire)).collect()
+        self.vregs
+            .iter()
+            .map(|r| r.load(Ordering::Acquire))
+            .collect()
     }
 
     /// Writes a virtual register.
