@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use vgpu_abi::Engine;
+use vgpu_device::addr::GmAddr;
 use vgpu_device::hist::{Histogram, HistogramSnapshot};
 use vgpu_device::phys::{profile, profiles, PhysError, PhysGpu, PhysGpuConfig};
 use vgpu_device::sched::{SchedConfig, SchedError, SchedParams, Scheduler};
@@ -318,6 +319,27 @@ impl Daemon {
         spec: &VgpuSpec,
         sched: Option<SchedParams>,
     ) -> Result<VgpuInfo, DaemonError> {
+        self.create_placed(spec, sched, None)
+    }
+
+    /// Creates a vGPU whose partition starts at the given GM ranges (mappable, hidden) — a vGPU
+    /// restored or migrated from elsewhere keeps its guest's GM numbering — and pauses it in the
+    /// scheduler before it is served, so nothing runs until it is restored and resumed.
+    pub fn create_at(
+        &self,
+        spec: &VgpuSpec,
+        mappable: GmAddr,
+        hidden: GmAddr,
+    ) -> Result<VgpuInfo, DaemonError> {
+        self.create_placed(spec, None, Some((mappable, hidden)))
+    }
+
+    fn create_placed(
+        &self,
+        spec: &VgpuSpec,
+        sched: Option<SchedParams>,
+        placement: Option<(GmAddr, GmAddr)>,
+    ) -> Result<VgpuInfo, DaemonError> {
         let p = profile(&spec.profile)
             .ok_or_else(|| DaemonError::UnknownProfile(spec.profile.clone()))?;
         if let Some(n) = &spec.name {
@@ -334,7 +356,10 @@ impl Daemon {
                 return Err(DaemonError::NameTaken(n.clone()));
             }
         }
-        let part = lock(&self.phys).create_partition(p)?;
+        let part = match placement {
+            Some((m, h)) => lock(&self.phys).create_partition_at(p, m, h)?,
+            None => lock(&self.phys).create_partition(p)?,
+        };
         let id = part.id;
         let name = spec.name.clone().unwrap_or_else(|| format!("vgpu{id}"));
         if spec.name.is_none() && vgpus.values().any(|s| s.ident.name == name) {
@@ -358,6 +383,10 @@ impl Daemon {
             drop(shared);
             self.release(vgpu);
             return Err(e.into());
+        }
+        if placement.is_some() {
+            // Restored state arrives before anything may run.
+            let _ = self.sched.pause(id);
         }
         let backend = VgpuBackend::new(vgpu.clone());
         let trap = backend.trap_latency().clone();

@@ -7,5 +7,6 @@ pub mod client;
 pub mod daemon;
 pub mod irq;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod rest;

@@ -5,12 +5,30 @@
 //! - [`Snapshot`]: a tree of component states keyed by id.
 //! - [`envelope`]: the on-disk / on-wire framing: magic, format version, payload, checksum.
 //!   Restores treat every byte as untrusted.
+//! - Live migration between two daemons, generic over a [`LiveMigratable`] component:
+//!   [`source::migrate`] and [`destination::Incoming`] run the two ends of the versioned
+//!   [`protocol`] over any byte stream ([`transport`]); [`convergence`] decides when pre-copy
+//!   stops. `docs/migration.md` documents the state machines.
 
+pub mod convergence;
+pub mod destination;
 pub mod envelope;
+pub mod protocol;
+pub mod report;
 pub mod snapshot;
+pub mod source;
+pub mod transport;
 
+pub use destination::{receive, DestinationConfig, DestinationError, Incoming};
 pub use envelope::{decode, encode, EnvelopeError, FORMAT_VERSION, MAGIC};
+pub use protocol::{Hello, ProtocolError, PAGE_SIZE, PROTOCOL_VERSION};
+pub use report::{
+    CancelToken, DestinationReport, DowntimeBreakdown, MigrationReport, Phase, Progress,
+    RoundReport, StopReason,
+};
 pub use snapshot::{Snapshot, SnapshotError};
+pub use source::{migrate, SourceConfig, SourceError};
+pub use transport::{TransportError, MAX_PAYLOAD};
 
 /// Errors of component operations.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +92,43 @@ pub trait Migratable: Pausable + Snapshottable {
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<(), MigrationError>;
     /// Writes page `index` from `buf` (4 KiB) on the destination.
     fn write_page(&mut self, index: u64, buf: &[u8]) -> Result<(), MigrationError>;
+}
+
+/// What the live-migration protocol needs from a component beyond [`Migratable`]. Both ends use
+/// the same component type: the source calls [`compat`](Self::compat) and
+/// [`state_size_hint`](Self::state_size_hint), the destination
+/// [`accept_compat`](Self::accept_compat), [`write_zero_page`](Self::write_zero_page) and
+/// [`abort`](Self::abort). No method has a default: each answer matters.
+///
+/// How the protocol uses [`Migratable`]: the source calls `start_dirty_log`, then
+/// `dirty_pages` once and ignores the answer (whether or not it lists every page), then reads
+/// every page (round 1); each later `dirty_pages` answer is a round. Pages may repeat or come
+/// in any order; an index beyond the memory fails the migration. The source calls
+/// `stop_dirty_log` once the component is paused (or on failure), and `resume` if the
+/// migration fails before the destination took over. The destination calls `write_page` /
+/// `write_zero_page` while the source keeps running, then `restore` and, only after the source
+/// committed, `resume`.
+pub trait LiveMigratable: Migratable {
+    /// Source: the compatibility record sent to the destination, opaque to the protocol (e.g.
+    /// device revision, profile, GTT mode, snapshot format version); at most
+    /// [`protocol::MAX_COMPAT_LEN`] bytes.
+    fn compat(&self) -> Result<Vec<u8>, MigrationError>;
+    /// Source: an estimate of the size of the encoded device state (the envelope of
+    /// `snapshot()`), for the downtime prediction. Need not be exact.
+    fn state_size_hint(&self) -> u64;
+    /// Destination: decides whether a migration with this compatibility record and memory size
+    /// can be received into this component, and prepares it (e.g. sizes its memory). After
+    /// `Ok`, `memory_size()` must equal `memory_size`. An `Err` refuses the migration; its text
+    /// is sent to the source.
+    fn accept_compat(&mut self, compat: &[u8], memory_size: u64) -> Result<(), MigrationError>;
+    /// Destination: page `index` must read as all zero (the protocol sends zero pages as a
+    /// marker). The component may punch a hole instead of writing.
+    fn write_zero_page(&mut self, index: u64) -> Result<(), MigrationError>;
+    /// Destination: the migration failed after the component was handed to the protocol;
+    /// discard everything received (the component is paused and will not be resumed by the
+    /// protocol). Called at most once, never after `resume`; the owner may then free the
+    /// component.
+    fn abort(&mut self);
 }
 
 /// Generates the round-trip test of a [`Snapshottable`] component: snapshot → mutate → restore →

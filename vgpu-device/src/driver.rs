@@ -271,6 +271,30 @@ impl<A: DeviceAccess> Driver<A> {
         }
     }
 
+    /// Swaps the transport (a VM that reconnected to its device elsewhere); returns the old one.
+    pub fn replace_device(&mut self, dev: A) -> A {
+        std::mem::replace(&mut self.dev, dev)
+    }
+
+    /// Takes over the rings the device has enabled (a driver attaching to a restored device):
+    /// ring position and size from the registers, `RING_TAIL` as the next write position.
+    pub fn adopt_rings(&mut self) {
+        for e in Engine::ALL {
+            let b = regs::engine_base(e);
+            if self.read32(b + regs::RING_CTL) & regs::RING_CTL_ENABLE == 0 {
+                self.rings[e.index()] = None;
+                continue;
+            }
+            let base = self.read64(b + regs::RING_BASE_LO);
+            let lmem_off = base.wrapping_sub(self.pv.mappable_base);
+            self.rings[e.index()] = Some(RingInfo {
+                lmem_off,
+                size: self.read32(b + regs::RING_SIZE),
+                tail: self.read32(b + regs::RING_TAIL),
+            });
+        }
+    }
+
     /// Forgets the driver's ring state (after a reset the device did).
     pub fn forget_rings(&mut self) {
         self.rings = [None; Engine::COUNT];

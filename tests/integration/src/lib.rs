@@ -138,6 +138,11 @@ impl Vmm {
     /// the aperture's sparse area, DMA-map guest RAM, program the BARs, enable memory and bus
     /// master, wire MSI-X to eventfds.
     pub fn attach(socket: &Path) -> Self {
+        Self::attach_ram(socket, Mapping::memfd(RAM_SIZE))
+    }
+
+    /// [`Vmm::attach`] with existing guest RAM (a VM that reconnects, e.g. after a migration).
+    pub fn attach_ram(socket: &Path, ram: Mapping) -> Self {
         let mut client = connect(socket);
         let bar2 = client.region(VFIO_PCI_BAR2_REGION_INDEX).expect("BAR2");
         let fo = bar2.file_offset.as_ref().expect("BAR2 has an fd");
@@ -148,7 +153,6 @@ impl Vmm {
             fo.start() + area.offset,
             usize::try_from(area.size).expect("size"),
         );
-        let ram = Mapping::memfd(RAM_SIZE);
         client
             .dma_map(0, RAM_GPA, RAM_SIZE as u64, ram.fd())
             .expect("dma_map");
@@ -180,6 +184,12 @@ impl Vmm {
             ram,
             irqs,
         }
+    }
+
+    /// Disconnects, handing back guest RAM.
+    pub fn detach(self) -> Mapping {
+        let _ = self.client.shutdown();
+        self.ram
     }
 
     /// Waits until MSI-X vector `v` fires; returns the number of events.

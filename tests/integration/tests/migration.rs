@@ -1,0 +1,304 @@
+//! Snapshot/restore and live migration of vGPUs between two vgpud instances (two `Daemon`s in
+//! one process), with a VMM attached through the `vfio_user` Client and a guest driver running
+//! work across the move. Results are compared bit for bit with an uninterrupted run.
+#![allow(clippy::cast_possible_truncation)] // Test arithmetic on small known values.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vgpu_abi::cmd::{enc, BPP_32, ROP_PATCOPY, ROP_SRCCOPY};
+use vgpu_abi::gtt::pte_guest;
+use vgpu_abi::{regs, Engine, PAGE_SIZE};
+use vgpu_api::daemon::VgpuSpec;
+use vgpu_api::migrate::{migrate_to, restore_from_file, snapshot_to_file, Endpoint, Listener};
+use vgpu_device::driver::Driver;
+use vgpu_device::vgpu::GttMode;
+use vgpu_integration_tests::*;
+use vgpu_migration::{Phase, SourceConfig};
+
+const T: Duration = Duration::from_secs(20);
+const STEPS: u32 = 96;
+
+fn spec(gtt: GttMode, name: &str) -> VgpuSpec {
+    VgpuSpec {
+        profile: "small".into(),
+        gtt,
+        name: Some(name.into()),
+        weight: None,
+    }
+}
+
+fn seed_ram(ram: &Mapping) {
+    // 64 pages of deterministic source data in guest RAM.
+    for p in 0..64u64 {
+        let page: Vec<u8> = (0..PAGE_SIZE)
+            .map(|i| ((i * 7 + p * 13) % 251) as u8)
+            .collect();
+        ram.write(p * PAGE_SIZE, &page);
+    }
+}
+
+/// One step of the workload: a CPU write through the aperture, a blit from guest RAM and a fill,
+/// all into places that depend only on `i`.
+fn step(d: &mut Driver<Vmm>, i: u32) {
+    let cpu: Vec<u8> = (0..PAGE_SIZE)
+        .map(|b| (b as u32 ^ i.wrapping_mul(31)) as u8)
+        .collect();
+    d.lmem_write(0x200_0000 + u64::from(i) * PAGE_SIZE, &cpu);
+    let src_gm = d.pv().hidden_base + u64::from(i % 64) * PAGE_SIZE;
+    let copy = enc::src_copy_blt(enc::Copy {
+        rop: ROP_SRCCOPY,
+        bpp: BPP_32,
+        dst: d.gm_of_lmem(0x100_0000 + u64::from(i) * PAGE_SIZE),
+        dst_pitch: 256,
+        src: src_gm,
+        src_pitch: 256,
+        width: 64,
+        height: 16,
+        pattern: 0,
+    });
+    let fill = enc::color_blt(
+        ROP_PATCOPY,
+        BPP_32,
+        d.gm_of_lmem(0x300_0000 + u64::from(i) * 0x2000),
+        512,
+        128,
+        16,
+        0x0101_0101 * i,
+    );
+    d.submit(Engine::Blit, &[copy.as_slice(), &fill].concat())
+        .unwrap();
+}
+
+fn setup(d: &mut Driver<Vmm>) {
+    let h = d.pv().hidden_base;
+    for p in 0..64u64 {
+        d.map_gm(h + p * PAGE_SIZE, pte_guest(RAM_GPA + p * PAGE_SIZE));
+    }
+    d.setup_ring(Engine::Blit).unwrap();
+}
+
+fn aperture(d: &mut Driver<Vmm>) -> Vec<u8> {
+    let mut b = vec![0u8; 0x400_0000];
+    d.lmem_read(0, &mut b);
+    b
+}
+
+/// The reference: the whole workload on one vGPU, no interruption.
+fn reference() -> Vec<u8> {
+    let daemon = daemon(256);
+    let info = daemon.create(&spec(GttMode::Shadow, "ref")).unwrap();
+    let mut d = Driver::probe(Vmm::attach(&info.socket)).unwrap();
+    seed_ram(&d.device().ram);
+    setup(&mut d);
+    for i in 0..STEPS {
+        step(&mut d, i);
+    }
+    d.wait_idle(Engine::Blit, T).unwrap();
+    aperture(&mut d)
+}
+
+#[test]
+fn test_live_migration_while_workload_runs_gives_bit_identical_output() {
+    let want = reference();
+    let src = Arc::new(daemon(256));
+    let dst = Arc::new(daemon(256));
+    let info = src.create(&spec(GttMode::Shadow, "vm")).unwrap();
+    let mut d = Driver::probe(Vmm::attach(&info.socket)).unwrap();
+    seed_ram(&d.device().ram);
+    setup(&mut d);
+
+    // The "VM" runs the workload until the migration asks it to pause (as the VMM pauses its
+    // vCPUs before the device's stop-and-copy).
+    let pause = Arc::new(AtomicBool::new(false));
+    let paused_at = Arc::new(AtomicU32::new(u32::MAX));
+    let vm = {
+        let (pause, paused_at) = (pause.clone(), paused_at.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while i < STEPS && !pause.load(Ordering::Acquire) {
+                step(&mut d, i);
+                i += 1;
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            paused_at.store(i, Ordering::Release);
+            d
+        })
+    };
+    std::thread::sleep(Duration::from_millis(5));
+
+    let sock = temp_path("mig.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = Listener::bind(&Endpoint::Unix(sock.clone())).unwrap();
+    let receiver = {
+        let dst = dst.clone();
+        std::thread::spawn(move || listener.receive(&dst, Some("vm".into()), Some(GttMode::TwoDim)))
+    };
+    let mut phases = Vec::new();
+    let report = migrate_to(
+        &src,
+        info.id,
+        &Endpoint::Unix(sock),
+        &SourceConfig::default(),
+        &mut |p| {
+            if p.phase == Phase::StopAndCopy && !pause.swap(true, Ordering::AcqRel) {
+                while paused_at.load(Ordering::Acquire) == u32::MAX {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+            phases.push(p.phase);
+        },
+    )
+    .unwrap();
+    let (moved, dreport) = receiver.join().unwrap().unwrap();
+    assert!(phases.contains(&Phase::StopAndCopy) && phases.contains(&Phase::Commit));
+    println!(
+        "migration: {} rounds, predicted downtime {} us, actual {} us, {} bytes, destination restore {:?}",
+        report.rounds.len(),
+        report.predicted_downtime_us,
+        report.downtime_us,
+        report.bytes_sent,
+        dreport
+    );
+    assert!(
+        src.scheduler().is_paused(info.id),
+        "source stays paused after handing over"
+    );
+    assert!(!dst.scheduler().is_paused(moved.id), "destination resumed");
+
+    // The VM reconnects to the destination (as Cloud Hypervisor does after a restore) with the
+    // same guest RAM, and finishes the workload there.
+    let mut d = vm.join().unwrap();
+    let stopped = paused_at.load(Ordering::Acquire);
+    let ram = std::mem::replace(&mut d.device().ram, Mapping::memfd(4096));
+    drop(
+        d.replace_device(Vmm::attach_ram(&moved.socket, ram))
+            .detach(),
+    );
+    for i in stopped..STEPS {
+        step(&mut d, i);
+    }
+    d.wait_idle(Engine::Blit, T).unwrap();
+    assert_eq!(d.read32(regs::GTT_FAULT_COUNT), 0);
+    assert!(
+        aperture(&mut d) == want,
+        "migrated run differs from the uninterrupted run (stopped at step {stopped})"
+    );
+    src.destroy(info.id).unwrap();
+}
+
+#[test]
+fn test_migration_to_failing_destination_leaves_source_running() {
+    let src = daemon(256);
+    let dst = daemon(256);
+    let info = src.create(&spec(GttMode::TwoDim, "vm")).unwrap();
+    let mut d = Driver::probe(Vmm::attach(&info.socket)).unwrap();
+    seed_ram(&d.device().ram);
+    setup(&mut d);
+    for i in 0..8 {
+        step(&mut d, i);
+    }
+    d.wait_idle(Engine::Blit, T).unwrap();
+    // A destination that hangs up after accepting, and one whose GM ranges are taken.
+    let sock = temp_path("mig-cut.sock");
+    let _ = std::fs::remove_file(&sock);
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let cutter = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = std::io::Read::read(&mut &s, &mut buf);
+        drop(s);
+    });
+    assert!(migrate_to(
+        &src,
+        info.id,
+        &Endpoint::Unix(sock.clone()),
+        &SourceConfig::default(),
+        &mut |_| {}
+    )
+    .is_err());
+    cutter.join().unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let _blocker = dst.create(&spec(GttMode::Shadow, "first")).unwrap();
+    let l2 = Listener::bind(&Endpoint::Unix(sock.clone())).unwrap();
+    let dst = Arc::new(dst);
+    let receiver = {
+        let dst = dst.clone();
+        std::thread::spawn(move || l2.receive(&dst, None, None))
+    };
+    let e = migrate_to(
+        &src,
+        info.id,
+        &Endpoint::Unix(sock),
+        &SourceConfig::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(receiver.join().unwrap().is_err());
+    println!(
+        "refused as expected: {}",
+        vgpu_migration::report::error_chain(&e)
+    );
+    assert_eq!(dst.list().len(), 1, "nothing left on the destination");
+    // The source runs on.
+    assert!(!src.scheduler().is_paused(info.id));
+    for i in 8..16 {
+        step(&mut d, i);
+    }
+    d.wait_idle(Engine::Blit, T).unwrap();
+}
+
+#[test]
+fn test_snapshot_file_restore_on_other_daemon_continues_bit_identical() {
+    let want = reference();
+    let src = daemon(256);
+    let info = src.create(&spec(GttMode::TwoDim, "vm")).unwrap();
+    let mut d = Driver::probe(Vmm::attach(&info.socket)).unwrap();
+    seed_ram(&d.device().ram);
+    setup(&mut d);
+    for i in 0..STEPS / 2 {
+        step(&mut d, i);
+    }
+    // Cloud Hypervisor sequence: vm.pause (the driver stops), vGPU snapshot, vm.snapshot.
+    let path = temp_path("snap.vgpu");
+    let snap = snapshot_to_file(&src, info.id, &path).unwrap();
+    assert!(snap.bytes > 0);
+    let ram = std::mem::replace(&mut d.device().ram, Mapping::memfd(4096));
+    drop(d);
+    src.destroy(info.id).unwrap();
+
+    // Corrupted and truncated copies are refused and leave nothing behind.
+    let dst = daemon(256);
+    let bytes = std::fs::read(&path).unwrap();
+    for (name, bad) in [
+        ("trunc", bytes[..bytes.len() / 2].to_vec()),
+        ("flip", {
+            let mut b = bytes.clone();
+            b[100] ^= 0x40;
+            b
+        }),
+    ] {
+        let p = temp_path(name);
+        std::fs::write(&p, bad).unwrap();
+        let e = restore_from_file(&dst, &p, Some("x".into()), None).unwrap_err();
+        println!("{name}: {}", vgpu_migration::report::error_chain(&e));
+        assert!(dst.list().is_empty());
+        let _ = std::fs::remove_file(p);
+    }
+    let restored =
+        restore_from_file(&dst, &path, Some("vm".into()), Some(GttMode::Shadow)).unwrap();
+    let _ = std::fs::remove_file(&path);
+    // The VM reconnects with its RAM; GGTT entries into guest RAM were restored before the
+    // VMM mapped it, and get their translations now.
+    let mut d = Driver::probe(Vmm::attach_ram(&restored.socket, ram)).unwrap();
+    d.adopt_rings();
+    for i in STEPS / 2..STEPS {
+        step(&mut d, i);
+    }
+    d.wait_idle(Engine::Blit, T).unwrap();
+    assert!(
+        aperture(&mut d) == want,
+        "restored run differs from the uninterrupted run"
+    );
+}
