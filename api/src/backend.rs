@@ -39,6 +39,10 @@ pub struct VgpuBackend {
     no_shm: Vec<(u64, u64)>,
     /// Time spent handling each trapped region access (the device's share of a trap).
     trap: Arc<Histogram>,
+    /// Migration v2 over vfio-user, when the owner can pause the engines.
+    mig: Option<crate::vfio_migration::VfioMigration>,
+    /// DMA logging: page size the client asked for.
+    log_page_size: Option<u64>,
 }
 
 impl VgpuBackend {
@@ -51,12 +55,23 @@ impl VgpuBackend {
             v.shared().intr.set_external_msix(true);
         }
         VgpuBackend {
+            mig: None,
+            log_page_size: None,
             vgpu,
             irq,
             dma: DmaMap::new(),
             no_shm: Vec::new(),
             trap: Arc::default(),
         }
+    }
+
+    /// Enables migration v2 over vfio-user; `pause` stops and restarts the vGPU's engines.
+    pub fn with_migration(mut self, pause: crate::vfio_migration::PauseHook) -> Self {
+        self.mig = Some(crate::vfio_migration::VfioMigration::new(
+            self.vgpu.clone(),
+            pause,
+        ));
+        self
     }
 
     /// The trap-latency histogram: time from the server handing a region access to the
@@ -264,9 +279,97 @@ impl Backend for VgpuBackend {
     }
 
     fn reset(&mut self) -> Result<(), BackendError> {
+        if let Some(m) = self.mig.as_mut() {
+            m.reset();
+        }
         self.vgpu()
             .function_reset()
             .map_err(|e| BackendError::Io(e.to_string()))?;
+        Ok(())
+    }
+
+    fn migration_flags(&self) -> u64 {
+        if self.mig.is_some() {
+            u64::from(
+                vfio_bindings::bindings::vfio::VFIO_MIGRATION_STOP_COPY
+                    | vfio_bindings::bindings::vfio::VFIO_MIGRATION_PRE_COPY,
+            )
+        } else {
+            0
+        }
+    }
+
+    fn migration_transition(
+        &mut self,
+        from: vgpu_vfio_user::MigState,
+        to: vgpu_vfio_user::MigState,
+    ) -> Result<(), BackendError> {
+        match self.mig.as_mut() {
+            Some(m) => m.transition(from, to),
+            None => Err(BackendError::NotSupported("migration".into())),
+        }
+    }
+
+    fn migration_read(&mut self, max: usize) -> Result<Vec<u8>, BackendError> {
+        match self.mig.as_mut() {
+            Some(m) => m.read(max),
+            None => Err(BackendError::NotSupported("migration".into())),
+        }
+    }
+
+    fn migration_write(&mut self, data: &[u8]) -> Result<(), BackendError> {
+        match self.mig.as_mut() {
+            Some(m) => m.write(data),
+            None => Err(BackendError::NotSupported("migration".into())),
+        }
+    }
+
+    fn dma_logging_supported(&self) -> bool {
+        true
+    }
+
+    fn dma_logging_start(
+        &mut self,
+        page_size: u64,
+        ranges: &[(u64, u64)],
+    ) -> Result<(), BackendError> {
+        let _ = ranges;
+        self.log_page_size = Some(page_size);
+        self.vgpu().shared().dirty.start_gpa();
+        Ok(())
+    }
+
+    fn dma_logging_stop(&mut self) -> Result<(), BackendError> {
+        self.log_page_size = None;
+        self.vgpu().shared().dirty.stop_gpa();
+        Ok(())
+    }
+
+    fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), BackendError> {
+        let pages = self.vgpu().shared().dirty.take_gpa(iova, length);
+        for p in pages {
+            let gpa = p * 4096;
+            // A 4 KiB device page dirties every client page it overlaps.
+            let first = gpa.saturating_sub(iova) / page_size;
+            let last = (gpa + 4095)
+                .saturating_sub(iova)
+                .min(length.saturating_sub(1))
+                / page_size;
+            for bit in first..=last {
+                if let Some(w) = usize::try_from(bit / 64)
+                    .ok()
+                    .and_then(|i| bitmap.get_mut(i))
+                {
+                    *w |= 1 << (bit % 64);
+                }
+            }
+        }
         Ok(())
     }
 

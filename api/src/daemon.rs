@@ -256,7 +256,7 @@ struct UtilSample {
 pub struct Daemon {
     cfg: DaemonConfig,
     phys: Mutex<PhysGpu>,
-    sched: Scheduler,
+    sched: Arc<Scheduler>,
     vgpus: Mutex<BTreeMap<u32, Served>>,
     util: Mutex<HashMap<u32, UtilSample>>,
 }
@@ -293,7 +293,7 @@ impl Daemon {
         std::fs::create_dir_all(&cfg.socket_dir)
             .map_err(|e| DaemonError::SocketDir(cfg.socket_dir.clone(), e))?;
         let phys = PhysGpu::new(cfg.gpu)?;
-        let sched = Scheduler::new(&cfg.sched)?;
+        let sched = Arc::new(Scheduler::new(&cfg.sched)?);
         Ok(Daemon {
             cfg,
             phys: Mutex::new(phys),
@@ -388,7 +388,18 @@ impl Daemon {
             // Restored state arrives before anything may run.
             let _ = self.sched.pause(id);
         }
-        let backend = VgpuBackend::new(vgpu.clone());
+        let sched_hook = self.sched.clone();
+        let pause: crate::vfio_migration::PauseHook = Arc::new(move |paused: bool| {
+            let r = if paused {
+                sched_hook.pause(id)
+            } else {
+                sched_hook.resume(id)
+            };
+            if let Err(e) = r {
+                tracing::warn!(id, error = %e, "pause hook");
+            }
+        });
+        let backend = VgpuBackend::new(vgpu.clone()).with_migration(pause);
         let trap = backend.trap_latency().clone();
         let backend: Arc<Mutex<dyn Backend>> = Arc::new(Mutex::new(backend));
         let server = match Server::start(&socket, backend) {

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod rest;
+pub mod vfio_migration;

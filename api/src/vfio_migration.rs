@@ -1,0 +1,307 @@
+//! Migration v2 over vfio-user (`DEVICE_FEATURE` states, `MIG_DATA_READ`/`MIG_DATA_WRITE`): the
+//! vGPU's state as a byte stream the client pulls from the source and pushes into the
+//! destination.
+//!
+//! The stream is a sequence of `vgpu-migration` envelopes (each self-delimiting: its header
+//! carries the payload length):
+//! - in `PRE_COPY`, envelopes holding only `lmem.delta` (local-memory pages: first every
+//!   non-zero page, then the pages written since — by engines, tracked exactly, or by the CPU
+//!   through the aperture, found by hashing); a read that returns nothing means "nothing more
+//!   for now";
+//! - in `STOP_COPY` (engines paused), one envelope with the whole device state (`Vgpu::save`
+//!   without local memory) plus an `lmem.delta` of what changed since pre-copy (every non-zero
+//!   page if there was no pre-copy), then the end of the stream.
+//!
+//! The destination (in `RESUMING`) applies each envelope as soon as it is complete; leaving
+//! `RESUMING` requires that the device state arrived and nothing is left over. Envelopes are
+//! bounded ([`MAX_ENVELOPE`]), so the input buffer is too. The destination vGPU must have the
+//! source's profile and GM ranges (the guest uses physical GM numbering).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use vgpu_device::addr::LmemOffset;
+use vgpu_device::vgpu::Vgpu;
+use vgpu_migration::Snapshot;
+use vgpu_vfio_user::{BackendError, MigState};
+
+/// Pauses (`true`) or resumes (`false`) the vGPU's engines.
+pub type PauseHook = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// Largest envelope produced or accepted (local-memory deltas are split to fit).
+pub const MAX_ENVELOPE: usize = 32 << 20;
+const PAGE: usize = 4096;
+const PAGE_U64: u64 = 4096;
+const ENVELOPE_HEADER: usize = 8 + 4 + 8;
+/// Pages per delta envelope, leaving room for framing.
+const PAGES_PER_ENVELOPE: usize = (MAX_ENVELOPE - 64 * 1024) / (PAGE + 16);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Delta {
+    pages: Vec<(u64, Vec<u8>)>,
+}
+
+fn invalid(msg: impl Into<String>) -> BackendError {
+    BackendError::Invalid(msg.into())
+}
+
+fn lock(v: &Mutex<Vgpu>) -> MutexGuard<'_, Vgpu> {
+    v.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Migration state of one vGPU behind vfio-user.
+pub struct VfioMigration {
+    vgpu: Arc<Mutex<Vgpu>>,
+    pause: PauseHook,
+    /// Bytes produced and not yet read.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Pages still to send in this phase.
+    todo: Vec<u64>,
+    /// Hash of every page as last sent (`None`: nothing sent yet).
+    hashes: Option<Vec<u64>>,
+    /// Stop-copy: the device state was produced.
+    final_done: bool,
+    /// Resuming: bytes received and not yet applied.
+    input: Vec<u8>,
+    /// Resuming: the device state arrived.
+    restored: bool,
+    /// The state the last arc ended in.
+    state: MigState,
+}
+
+impl VfioMigration {
+    /// Migration for `vgpu`, pausing its engines through `pause`.
+    pub fn new(vgpu: Arc<Mutex<Vgpu>>, pause: PauseHook) -> Self {
+        VfioMigration {
+            vgpu,
+            pause,
+            out: Vec::new(),
+            out_pos: 0,
+            todo: Vec::new(),
+            hashes: None,
+            final_done: false,
+            input: Vec::new(),
+            restored: false,
+            state: MigState::Running,
+        }
+    }
+
+    fn hash_all(&self) -> Result<Vec<u64>, BackendError> {
+        let v = lock(&self.vgpu);
+        let lmem = v.shared().lmem();
+        let mut buf = vec![0u8; PAGE];
+        (0..lmem.size() / PAGE_U64)
+            .map(|i| {
+                lmem.read(LmemOffset(i * PAGE_U64), &mut buf)
+                    .map_err(|e| BackendError::Io(e.to_string()))?;
+                Ok(xxhash_rust::xxh3::xxh3_64(&buf))
+            })
+            .collect()
+    }
+
+    /// Pages to send now: all non-zero pages the first time, then the changed ones.
+    fn collect_dirty(&mut self) -> Result<Vec<u64>, BackendError> {
+        let now = self.hash_all()?;
+        let engine: Vec<u64> = lock(&self.vgpu).shared().dirty.take_lmem();
+        let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE]);
+        let mut pages: BTreeSet<u64> = engine.into_iter().collect();
+        match &self.hashes {
+            None => pages.extend(
+                now.iter()
+                    .enumerate()
+                    .filter(|(_, h)| **h != zero)
+                    .map(|(i, _)| i as u64),
+            ),
+            Some(old) => pages.extend(
+                old.iter()
+                    .zip(&now)
+                    .enumerate()
+                    .filter(|(_, (a, b))| a != b)
+                    .map(|(i, _)| i as u64),
+            ),
+        }
+        self.hashes = Some(now);
+        Ok(pages.into_iter().collect())
+    }
+
+    fn delta(&self, pages: &[u64]) -> Result<Snapshot, BackendError> {
+        let v = lock(&self.vgpu);
+        let lmem = v.shared().lmem();
+        let mut out = Vec::with_capacity(pages.len());
+        for &i in pages {
+            let mut b = vec![0u8; PAGE];
+            lmem.read(LmemOffset(i * PAGE_U64), &mut b)
+                .map_err(|e| BackendError::Io(e.to_string()))?;
+            out.push((i, b));
+        }
+        Snapshot::with_state("lmem.delta", &Delta { pages: out })
+            .map_err(|e| BackendError::Io(e.to_string()))
+    }
+
+    fn emit(&mut self, s: &Snapshot) -> Result<(), BackendError> {
+        self.out = vgpu_migration::encode(s).map_err(|e| BackendError::Io(e.to_string()))?;
+        self.out_pos = 0;
+        Ok(())
+    }
+
+    /// Back to `Running` after a device reset: buffers dropped, logging stopped, engines
+    /// resumed.
+    pub fn reset(&mut self) {
+        lock(&self.vgpu).shared().dirty.stop_lmem();
+        self.out.clear();
+        self.out_pos = 0;
+        self.todo.clear();
+        self.hashes = None;
+        self.final_done = false;
+        self.input.clear();
+        self.restored = false;
+        self.state = MigState::Running;
+        (self.pause)(false);
+    }
+
+    /// One arc of the state machine.
+    pub fn transition(&mut self, from: MigState, to: MigState) -> Result<(), BackendError> {
+        use MigState::*;
+        match (from, to) {
+            (Running, Stop) | (PreCopy, StopCopy) => (self.pause)(true),
+            (Stop, Running) => (self.pause)(false),
+            (Running, PreCopy) => {
+                lock(&self.vgpu).shared().dirty.start_lmem();
+                self.hashes = None;
+                self.todo.clear();
+                self.out.clear();
+            }
+            (PreCopy, Running) | (StopCopy, Stop) => {
+                lock(&self.vgpu).shared().dirty.stop_lmem();
+                self.hashes = None;
+                self.out.clear();
+                self.todo.clear();
+                self.final_done = false;
+                if (from, to) == (PreCopy, Running) {
+                    (self.pause)(false);
+                }
+            }
+            (Stop, StopCopy) => {
+                self.final_done = false;
+                self.out.clear();
+                self.todo.clear();
+            }
+            (Stop, Resuming) => {
+                self.input.clear();
+                self.restored = false;
+            }
+            (Resuming, Stop) => {
+                if !self.input.is_empty() || !self.restored {
+                    return Err(invalid(
+                        "migration stream ended before the device state was complete",
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "unexpected migration arc {from:?} -> {to:?}"
+                )))
+            }
+        }
+        self.state = to;
+        Ok(())
+    }
+
+    /// `MIG_DATA_READ` in `PreCopy` or `StopCopy`.
+    pub fn read(&mut self, max: usize) -> Result<Vec<u8>, BackendError> {
+        let stop_copy = self.state == MigState::StopCopy;
+        let mut data = Vec::new();
+        while data.len() < max {
+            if self.out_pos < self.out.len() {
+                let n = (self.out.len() - self.out_pos).min(max - data.len());
+                data.extend_from_slice(&self.out[self.out_pos..self.out_pos + n]);
+                self.out_pos += n;
+                continue;
+            }
+            if self.todo.is_empty() {
+                if stop_copy {
+                    if self.final_done {
+                        break;
+                    }
+                    // The final envelope: device state plus the last pages (split if large).
+                    let mut pages = self.collect_dirty()?;
+                    let rest = pages.split_off(pages.len().min(PAGES_PER_ENVELOPE));
+                    let mut snap = lock(&self.vgpu)
+                        .save(false)
+                        .map_err(|e| BackendError::Io(e.to_string()))?;
+                    snap.add(self.delta(&pages)?);
+                    self.todo = rest;
+                    self.final_done = true;
+                    self.emit(&snap)?;
+                    continue;
+                }
+                self.todo = self.collect_dirty()?;
+                if self.todo.is_empty() {
+                    break;
+                }
+            }
+            let take = self.todo.len().min(PAGES_PER_ENVELOPE);
+            let batch: Vec<u64> = self.todo.drain(..take).collect();
+            let mut snap = Snapshot::new("vgpu.precopy");
+            snap.add(self.delta(&batch)?);
+            self.emit(&snap)?;
+        }
+        Ok(data)
+    }
+
+    /// `MIG_DATA_WRITE` in `Resuming`.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), BackendError> {
+        self.input.extend_from_slice(data);
+        loop {
+            if self.input.len() < ENVELOPE_HEADER {
+                return Ok(());
+            }
+            let mut len = [0u8; 8];
+            len.copy_from_slice(&self.input[12..20]);
+            let payload = u64::from_le_bytes(len);
+            let total = usize::try_from(payload)
+                .ok()
+                .and_then(|p| p.checked_add(ENVELOPE_HEADER + 4))
+                .filter(|t| *t <= MAX_ENVELOPE)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "migration envelope of {payload} bytes is too large"
+                    ))
+                })?;
+            if self.input.len() < total {
+                return Ok(());
+            }
+            let rest = self.input.split_off(total);
+            let env = std::mem::replace(&mut self.input, rest);
+            let snap = vgpu_migration::decode(&env)
+                .map_err(|e| invalid(format!("migration stream: {e}")))?;
+            self.apply(&snap)?;
+        }
+    }
+
+    fn apply(&mut self, snap: &Snapshot) -> Result<(), BackendError> {
+        let mut v = lock(&self.vgpu);
+        if snap.child("header").is_ok() {
+            v.restore(snap)
+                .map_err(|e| invalid(format!("device state: {e}")))?;
+            self.restored = true;
+        }
+        if let Ok(delta) = snap.child("lmem.delta") {
+            let d: Delta = delta.state().map_err(|e| invalid(e.to_string()))?;
+            let pages = v.shared().lmem().size() / PAGE_U64;
+            if d.pages.iter().any(|(i, b)| *i >= pages || b.len() != PAGE) {
+                return Err(invalid(
+                    "local-memory page out of range or of the wrong size",
+                ));
+            }
+            for (i, b) in &d.pages {
+                v.shared()
+                    .lmem()
+                    .write(LmemOffset(i * PAGE_U64), b)
+                    .map_err(|e| BackendError::Io(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
