@@ -38,7 +38,7 @@ vgpu_migration::snapshot_roundtrip_test!(
 );
 
 /// The workload: eight submissions, each a fill then a copy into a distinct tile.
-fn workload(d: &mut Driver<Inline<'_>>, from: u32, to: u32) {
+fn workload<A: DeviceAccess>(d: &mut Driver<A>, from: u32, to: u32) {
     for i in from..to {
         let tile = 0x10_0000 + u64::from(i) * 0x4000;
         let fill = enc::color_blt(
@@ -97,7 +97,7 @@ fn run_case(mode: GttMode) {
     {
         let mut d = Driver::probe(NoProgress(&mut src)).unwrap();
         d.setup_ring(Engine::Blit).unwrap();
-        workload_np(&mut d, 0, 8);
+        workload(&mut d, 0, 8);
     }
     let mut tlb = vgpu_device::engine::translate::Tlb::default();
     for _ in 0..3 {
@@ -173,33 +173,6 @@ impl DeviceAccess for NoProgress<'_> {
     fn progress(&mut self) {}
 }
 
-fn workload_np(d: &mut Driver<NoProgress<'_>>, from: u32, to: u32) {
-    for i in from..to {
-        let tile = 0x10_0000 + u64::from(i) * 0x4000;
-        let fill = enc::color_blt(
-            ROP_PATCOPY,
-            BPP_32,
-            d.gm_of_lmem(0x8000),
-            256,
-            64,
-            16,
-            0x0101_0101 * (i + 1),
-        );
-        let copy = enc::src_copy_blt(enc::Copy {
-            rop: ROP_SRCCOPY,
-            bpp: BPP_32,
-            dst: d.gm_of_lmem(tile),
-            dst_pitch: 256,
-            src: d.gm_of_lmem(0x8000),
-            src_pitch: 256,
-            width: 64,
-            height: 16,
-            pattern: 0,
-        });
-        d.submit(Engine::Blit, &[fill.as_slice(), &copy].concat())
-            .unwrap();
-    }
-}
 
 #[test]
 fn test_restore_mid_workload_gives_bit_identical_output_shadow() {
