@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::model::{
-    AuditPage, AuditQuery, CreateVgpuRequest, EngineInfo, EngineName, EngineUpdate, ErrorBody,
-    GpuInfo, PolicyName, ProfileInfo, SchedUpdate, TraceExport, TraceQuery, VgpuInfo, VgpuSched,
-    VgpuStats,
+    AuditPage, AuditQuery, CreateVgpuRequest, DirtyLogRequest, DirtyLogState, DirtyPages,
+    EngineInfo, EngineName, EngineUpdate, ErrorBody, GpuInfo, IncomingRequest, MigrateRequest,
+    MigrationInfo, PolicyName, ProfileInfo, RestoreRequest, SchedUpdate, SnapshotRequest,
+    SnapshotResult, TraceExport, TraceQuery, VgpuInfo, VgpuSched, VgpuStats,
 };
 
 /// Where the daemon listens.
@@ -309,6 +310,12 @@ impl Client {
         self.inner.endpoint()
     }
 
+    /// Sets the per-request timeout (default 30 s; snapshots of large vGPUs take longer).
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.inner = self.inner.with_timeout(t);
+        self
+    }
+
     /// Sends a raw request.
     pub fn request(
         &self,
@@ -478,6 +485,67 @@ impl Client {
             format!("?{}", qs.join("&"))
         };
         self.get(&format!("/api/v1/scheduler/trace{q}"))
+    }
+
+    /// `POST /api/v1/vgpus/{id}/snapshot`: the daemon writes `path` (absolute).
+    pub fn snapshot(&self, key: &str, path: &str) -> Result<SnapshotResult, ClientError> {
+        self.send(
+            Method::POST,
+            &format!("/api/v1/vgpus/{}/snapshot", encode(key)),
+            &SnapshotRequest { path: path.into() },
+        )
+    }
+
+    /// `POST /api/v1/vgpus/restore`.
+    pub fn restore(&self, req: &RestoreRequest) -> Result<VgpuInfo, ClientError> {
+        self.send(Method::POST, "/api/v1/vgpus/restore", req)
+    }
+
+    /// `POST /api/v1/vgpus/{id}/migrate`.
+    pub fn migrate(&self, key: &str, req: &MigrateRequest) -> Result<MigrationInfo, ClientError> {
+        self.send(
+            Method::POST,
+            &format!("/api/v1/vgpus/{}/migrate", encode(key)),
+            req,
+        )
+    }
+
+    /// `POST /api/v1/migrations/incoming`.
+    pub fn incoming(&self, req: &IncomingRequest) -> Result<MigrationInfo, ClientError> {
+        self.send(Method::POST, "/api/v1/migrations/incoming", req)
+    }
+
+    /// `GET /api/v1/migrations`.
+    pub fn migrations(&self) -> Result<Vec<MigrationInfo>, ClientError> {
+        self.get("/api/v1/migrations")
+    }
+
+    /// `GET /api/v1/migrations/{mid}`.
+    pub fn migration(&self, mid: u64) -> Result<MigrationInfo, ClientError> {
+        self.get(&format!("/api/v1/migrations/{mid}"))
+    }
+
+    /// `DELETE /api/v1/migrations/{mid}`.
+    pub fn cancel_migration(&self, mid: u64) -> Result<MigrationInfo, ClientError> {
+        self.request(Method::DELETE, &format!("/api/v1/migrations/{mid}"), None)?
+            .json()
+    }
+
+    /// `POST /api/v1/vgpus/{id}/dirty-log`.
+    pub fn set_dirty_log(&self, key: &str, enabled: bool) -> Result<DirtyLogState, ClientError> {
+        self.send(
+            Method::POST,
+            &format!("/api/v1/vgpus/{}/dirty-log", encode(key)),
+            &DirtyLogRequest { enabled },
+        )
+    }
+
+    /// `GET /api/v1/vgpus/{id}/dirty-log?gpa=&len=`: takes (clears) what it returns.
+    pub fn take_dirty_log(&self, key: &str, gpa: u64, len: u64) -> Result<DirtyPages, ClientError> {
+        self.get(&format!(
+            "/api/v1/vgpus/{}/dirty-log?gpa={gpa}&len={len}",
+            encode(key)
+        ))
     }
 
     /// `GET /metrics`.

@@ -116,7 +116,7 @@ pub struct VgpuSpec {
 }
 
 /// Checks a vGPU name: 1-64 letters, digits, `-` and `_`, not all digits (names and ids share
-/// the API's `{id}` path segment).
+/// the API's `{id}` path segment), not one of [`RESERVED_NAMES`].
 pub fn check_name(name: &str) -> Result<(), DaemonError> {
     let bad = |reason| {
         Err(DaemonError::BadName {
@@ -136,8 +136,14 @@ pub fn check_name(name: &str) -> Result<(), DaemonError> {
     if name.chars().all(|c| c.is_ascii_digit()) {
         return bad("a name of digits only would read as an id");
     }
+    if RESERVED_NAMES.contains(&name) {
+        return bad("the name is an API path (/api/v1/vgpus/restore)");
+    }
     Ok(())
 }
+
+/// Names that are API paths under `/api/v1/vgpus/` and so cannot name a vGPU.
+pub const RESERVED_NAMES: &[&str] = &["restore"];
 
 impl std::str::FromStr for VgpuSpec {
     type Err = DaemonError;
@@ -972,6 +978,7 @@ mod tests {
         assert!("gtt=shadow".parse::<VgpuSpec>().is_err());
         assert!("profile=small,gtt=3d".parse::<VgpuSpec>().is_err());
         assert!("profile=small,name=../x".parse::<VgpuSpec>().is_err());
+        assert!("profile=small,name=restore".parse::<VgpuSpec>().is_err());
         assert!("profile=small,color=red".parse::<VgpuSpec>().is_err());
         assert!("profile".parse::<VgpuSpec>().is_err());
     }

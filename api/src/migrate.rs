@@ -415,6 +415,18 @@ pub fn restore_from_file(
     name: Option<String>,
     gtt: Option<GttMode>,
 ) -> Result<crate::model::VgpuInfo, MigrateError> {
+    restore_from_file_with(daemon, path, name, gtt, true)
+}
+
+/// [`restore_from_file`], leaving the restored vGPU's engines paused unless `resume` (a VMM
+/// that restores guest RAM after the vGPU resumes it once the RAM is back).
+pub fn restore_from_file_with(
+    daemon: &Daemon,
+    path: &std::path::Path,
+    name: Option<String>,
+    gtt: Option<GttMode>,
+    resume: bool,
+) -> Result<crate::model::VgpuInfo, MigrateError> {
     use std::io::Read as _;
     let f =
         std::fs::File::open(path).map_err(io(format!("opening snapshot {}", path.display())))?;
@@ -449,7 +461,9 @@ pub fn restore_from_file(
         let _ = daemon.destroy(info.id);
         return Err(e);
     }
-    let _ = daemon.scheduler().resume(info.id);
+    if resume {
+        let _ = daemon.scheduler().resume(info.id);
+    }
     daemon.info(info.id).map_err(MigrateError::Daemon)
 }
 
@@ -569,6 +583,49 @@ impl Listener {
                 .map_err(MigrateError::Destination)?;
         let id = c.id().ok_or(MigrateError::UnknownVgpu(u32::MAX))?;
         Ok((daemon.info(id).map_err(MigrateError::Daemon)?, report))
+    }
+
+    /// Waits for one connection like [`Listener::receive`] does (same socket timeouts), but
+    /// polls so that `cancel` is noticed within `poll`; `Ok(None)` when cancelled.
+    pub fn accept_cancellable(
+        &self,
+        cancel: &vgpu_migration::CancelToken,
+        poll: std::time::Duration,
+    ) -> Result<Option<Stream>, MigrateError> {
+        let nonblocking = match self {
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        };
+        nonblocking.map_err(io("accepting a migration"))?;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let accepted = match self {
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            };
+            match accepted {
+                Ok(s) => {
+                    let set = match &s {
+                        Stream::Unix(u) => u
+                            .set_nonblocking(false)
+                            .and_then(|()| u.set_read_timeout(Some(PEER_TIMEOUT))),
+                        Stream::Tcp(t) => t
+                            .set_nonblocking(false)
+                            .and_then(|()| t.set_read_timeout(Some(PEER_TIMEOUT)))
+                            .map(|()| {
+                                let _ = t.set_nodelay(true);
+                            }),
+                    };
+                    set.map_err(io("socket timeout"))?;
+                    return Ok(Some(s));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(poll),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io("accepting a migration")(e)),
+            }
+        }
     }
 
     /// The local address (TCP), for tests that bind port 0.

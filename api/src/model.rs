@@ -478,3 +478,501 @@ pub struct TraceExport {
     /// Slices.
     pub events: Vec<TraceEventInfo>,
 }
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot, restore, live migration and the guest-RAM dirty log.
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /api/v1/vgpus/{id}/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Absolute path of the snapshot file the daemon writes (atomically: a temporary file in
+    /// the same directory, synced, then renamed over the path).
+    pub path: String,
+}
+
+/// What a snapshot wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotResult {
+    /// The file.
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// How long the vGPU's engines were paused to capture the state, in microseconds.
+    pub paused_us: u64,
+}
+
+/// `POST /api/v1/vgpus/restore`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// Absolute path of a snapshot file written by `POST /api/v1/vgpus/{id}/snapshot`.
+    pub path: String,
+    /// Name of the new vGPU (names its socket `<socket-dir>/<name>.sock`; give the snapshot's
+    /// vGPU name so that a restored VMM finds the same socket). Default `vgpu<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GTT mode of the new vGPU (default: the snapshot's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtt: Option<GttModeName>,
+    /// Leave the vGPU's engines paused after the restore (resume with `POST .../resume` once
+    /// the VMM has restored guest RAM and reconnected). Default `false`: resumed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+}
+
+/// `POST /api/v1/migrations/incoming`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    /// Where to listen: `unix:/absolute/path` or `tcp:HOST:PORT` (port 0 picks one; the reply
+    /// says which).
+    pub listen: String,
+    /// Name of the vGPU the migration creates. Default `vgpu<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GTT mode of the new vGPU (default: the source's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gtt: Option<GttModeName>,
+    /// Leave the received vGPU's engines paused at the handover instead of resuming them
+    /// (resume with `POST /api/v1/vgpus/{id}/resume`). Default `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+}
+
+/// `POST /api/v1/vgpus/{id}/migrate`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination daemon's incoming migration: `unix:/absolute/path` or `tcp:HOST:PORT`.
+    pub to: String,
+    /// Downtime target in milliseconds, 1..=60000 (default 20): pre-copy stops once the
+    /// predicted stop-and-copy time is within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Most pre-copy rounds, 1..=1000 (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+    /// Keep the source vGPU (paused) after a successful migration instead of destroying it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_source: Option<bool>,
+}
+
+/// Which end of a migration this daemon is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationDirection {
+    /// This daemon sends a vGPU away.
+    Outgoing,
+    /// This daemon receives a vGPU.
+    Incoming,
+}
+
+/// Where a migration stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Incoming: waiting for the source to connect.
+    Listening,
+    /// Incoming: connected, receiving (see `received`).
+    Receiving,
+    /// Outgoing: sending (see `progress`).
+    Running,
+    /// Done (see `report`, `destination_report`).
+    Completed,
+    /// Failed (see `error`); the source vGPU runs on, the destination kept nothing.
+    Failed,
+    /// Cancelled by `DELETE /api/v1/migrations/{mid}`; the source vGPU runs on.
+    Cancelled,
+}
+
+impl MigrationState {
+    /// Whether the migration has ended.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MigrationState::Listening => "listening",
+            MigrationState::Receiving => "receiving",
+            MigrationState::Running => "running",
+            MigrationState::Completed => "completed",
+            MigrationState::Failed => "failed",
+            MigrationState::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// Phase of the migration protocol (`docs/migration.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Version and compatibility check.
+    Hello,
+    /// Pre-copy of local memory while the vGPU runs (`round` says which).
+    PreCopy,
+    /// vGPU paused; last dirty pages.
+    StopAndCopy,
+    /// Device-state transfer.
+    DeviceState,
+    /// The destination validates and restores.
+    Restore,
+    /// Handover: the destination resumes.
+    Commit,
+    /// Done.
+    Completed,
+}
+
+impl From<vgpu_migration::Phase> for MigrationPhase {
+    fn from(p: vgpu_migration::Phase) -> Self {
+        use vgpu_migration::Phase as P;
+        match p {
+            P::Hello => MigrationPhase::Hello,
+            P::PreCopy { .. } => MigrationPhase::PreCopy,
+            P::StopAndCopy => MigrationPhase::StopAndCopy,
+            P::DeviceState => MigrationPhase::DeviceState,
+            P::Restore => MigrationPhase::Restore,
+            P::Commit => MigrationPhase::Commit,
+            P::Completed => MigrationPhase::Completed,
+        }
+    }
+}
+
+impl fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MigrationPhase::Hello => "hello",
+            MigrationPhase::PreCopy => "pre-copy",
+            MigrationPhase::StopAndCopy => "stop-and-copy",
+            MigrationPhase::DeviceState => "device state",
+            MigrationPhase::Restore => "restore",
+            MigrationPhase::Commit => "commit",
+            MigrationPhase::Completed => "completed",
+        })
+    }
+}
+
+/// Live progress of an outgoing migration (the last sample the source took: after every
+/// message of pages and at every phase change).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationProgress {
+    /// Current phase.
+    pub phase: MigrationPhase,
+    /// Pre-copy round (1-based) while `phase` is `pre_copy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
+    /// Bytes written to the connection so far.
+    pub bytes_sent: u64,
+    /// Estimate of the total the migration will send (grows with dirty rounds).
+    pub total_estimate: u64,
+    /// Measured transfer rate, bytes per second (0 until measured).
+    pub bytes_per_sec: f64,
+    /// Downtime predicted at the end of the last round, in microseconds.
+    pub predicted_downtime_us: Option<u64>,
+    /// Pages left in the current round.
+    pub pages_remaining: u64,
+    /// Time since the start, in microseconds.
+    pub elapsed_us: u64,
+}
+
+impl From<&vgpu_migration::Progress> for MigrationProgress {
+    fn from(p: &vgpu_migration::Progress) -> Self {
+        MigrationProgress {
+            phase: p.phase.into(),
+            round: match p.phase {
+                vgpu_migration::Phase::PreCopy { round } => Some(round),
+                _ => None,
+            },
+            bytes_sent: p.bytes_sent,
+            total_estimate: p.total_estimate,
+            bytes_per_sec: p.bytes_per_sec,
+            predicted_downtime_us: p.predicted_downtime_us,
+            pages_remaining: p.pages_remaining,
+            elapsed_us: p.elapsed_us,
+        }
+    }
+}
+
+/// Progress of an incoming migration, as far as the destination sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingProgress {
+    /// Current phase (`hello`, `pre_copy` — pages of any round, the stop-and-copy round
+    /// included —, `restore`, `commit`, `completed`).
+    pub phase: MigrationPhase,
+    /// Pages written into the new vGPU so far.
+    pub pages_received: u64,
+    /// Time since the source connected, in microseconds.
+    pub elapsed_us: u64,
+}
+
+/// Why pre-copy stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReasonName {
+    /// The predicted downtime was within the target.
+    Converged,
+    /// The round limit was reached with the prediction above the target.
+    RoundLimit,
+}
+
+impl From<vgpu_migration::StopReason> for StopReasonName {
+    fn from(r: vgpu_migration::StopReason) -> Self {
+        match r {
+            vgpu_migration::StopReason::Converged => StopReasonName::Converged,
+            vgpu_migration::StopReason::RoundLimit => StopReasonName::RoundLimit,
+        }
+    }
+}
+
+/// One pre-copy round, or the stop-and-copy round (the last one of a report).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RoundInfo {
+    /// 1-based round.
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Of which all-zero (sent as markers).
+    pub zero_pages: u64,
+    /// Bytes written, framing included.
+    pub bytes: u64,
+    /// Wall time, acknowledgement included, in microseconds.
+    pub duration_us: u64,
+    /// Pages dirty at the end of the round (0 for the stop-and-copy round).
+    pub dirty_after: u64,
+    /// Downtime predicted at the end of the round, microseconds (0 for the stop-and-copy round).
+    pub predicted_downtime_us: u64,
+}
+
+/// Where the measured downtime went, in microseconds, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DowntimeBreakdownInfo {
+    /// Pausing the engines and the last dirty-page scan.
+    pub pause_us: u64,
+    /// Sending the last dirty pages.
+    pub final_pages_us: u64,
+    /// Capturing and encoding the device state.
+    pub snapshot_us: u64,
+    /// Sending the device state.
+    pub state_transfer_us: u64,
+    /// The destination's decode and restore.
+    pub restore_us: u64,
+    /// The destination's resume and a round trip.
+    pub resume_us: u64,
+}
+
+/// The source's report of a completed migration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationReportInfo {
+    /// Protocol version used.
+    pub protocol_version: u32,
+    /// The vGPU's local memory in bytes.
+    pub memory_bytes: u64,
+    /// Pre-copy rounds run (the stop-and-copy round not counted).
+    pub precopy_rounds: u32,
+    /// Why pre-copy stopped.
+    pub stop_reason: StopReasonName,
+    /// Every round, the stop-and-copy round last.
+    pub rounds: Vec<RoundInfo>,
+    /// Dirty pages sent while paused.
+    pub final_pages: u64,
+    /// Size of the device-state envelope in bytes.
+    pub device_state_bytes: u64,
+    /// The downtime target in microseconds.
+    pub downtime_target_us: u64,
+    /// Downtime predicted when pre-copy stopped, in microseconds.
+    pub predicted_downtime_us: u64,
+    /// Measured downtime: from the source's pause to the destination's resume acknowledged.
+    pub downtime_us: u64,
+    /// Where the downtime went.
+    pub downtime_breakdown: DowntimeBreakdownInfo,
+    /// Time from the start to the end, in microseconds.
+    pub total_time_us: u64,
+    /// Bytes written, framing included.
+    pub bytes_sent: u64,
+    /// Pages sent over all rounds.
+    pub pages_sent: u64,
+    /// Of which all-zero.
+    pub zero_pages_sent: u64,
+    /// The bandwidth the prediction used, bytes per second.
+    pub bandwidth_bytes_per_sec: f64,
+}
+
+impl From<&vgpu_migration::MigrationReport> for MigrationReportInfo {
+    fn from(r: &vgpu_migration::MigrationReport) -> Self {
+        let b = &r.downtime_breakdown;
+        MigrationReportInfo {
+            protocol_version: r.protocol_version,
+            memory_bytes: r.memory_bytes,
+            precopy_rounds: r.precopy_rounds,
+            stop_reason: r.stop_reason.into(),
+            rounds: r
+                .rounds
+                .iter()
+                .map(|x| RoundInfo {
+                    round: x.round,
+                    pages: x.pages,
+                    zero_pages: x.zero_pages,
+                    bytes: x.bytes,
+                    duration_us: x.duration_us,
+                    dirty_after: x.dirty_after,
+                    predicted_downtime_us: x.predicted_downtime_us,
+                })
+                .collect(),
+            final_pages: r.final_pages,
+            device_state_bytes: r.device_state_bytes,
+            downtime_target_us: r.downtime_target_us,
+            predicted_downtime_us: r.predicted_downtime_us,
+            downtime_us: r.downtime_us,
+            downtime_breakdown: DowntimeBreakdownInfo {
+                pause_us: b.pause_us,
+                final_pages_us: b.final_pages_us,
+                snapshot_us: b.snapshot_us,
+                state_transfer_us: b.state_transfer_us,
+                restore_us: b.restore_us,
+                resume_us: b.resume_us,
+            },
+            total_time_us: r.total_time_us,
+            bytes_sent: r.bytes_sent,
+            pages_sent: r.pages_sent,
+            zero_pages_sent: r.zero_pages_sent,
+            bandwidth_bytes_per_sec: r.bandwidth_bytes_per_sec,
+        }
+    }
+}
+
+/// The destination's report of a received migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DestinationReportInfo {
+    /// Protocol version used.
+    pub protocol_version: u32,
+    /// Rounds in which pages arrived (the stop-and-copy round included).
+    pub rounds: u32,
+    /// Pages written.
+    pub pages: u64,
+    /// Of which zero markers.
+    pub zero_pages: u64,
+    /// Size of the device-state envelope in bytes.
+    pub device_state_bytes: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Time from the hello to the resume, in microseconds.
+    pub total_time_us: u64,
+    /// Whether the final acknowledgement reached the source (if not, the source stays paused
+    /// and reports the handover as unconfirmed: destroy it).
+    pub ack_delivered: bool,
+}
+
+impl From<&vgpu_migration::DestinationReport> for DestinationReportInfo {
+    fn from(r: &vgpu_migration::DestinationReport) -> Self {
+        DestinationReportInfo {
+            protocol_version: r.protocol_version,
+            rounds: r.rounds,
+            pages: r.pages,
+            zero_pages: r.zero_pages,
+            device_state_bytes: r.device_state_bytes,
+            bytes_received: r.bytes_received,
+            total_time_us: r.total_time_us,
+            ack_delivered: r.ack_delivered,
+        }
+    }
+}
+
+/// A migration, outgoing or incoming, running or finished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationInfo {
+    /// Migration id (this daemon's; unrelated to the peer's).
+    pub id: u64,
+    /// Which end this daemon is.
+    pub direction: MigrationDirection,
+    /// Where it stands.
+    pub state: MigrationState,
+    /// Outgoing: the destination (`to`); incoming: the address listened on (with the port
+    /// picked for `tcp:HOST:0`).
+    pub endpoint: String,
+    /// Outgoing: the source vGPU; incoming: the new vGPU, once created (at the hello).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vgpu: Option<u32>,
+    /// That vGPU's name (incoming: the requested name, if any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vgpu_name: Option<String>,
+    /// Milliseconds since the UNIX epoch when the request was accepted.
+    pub started_ms: u64,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    /// A `DELETE` asked to cancel it (it ends as `cancelled`, or `completed` if the handover
+    /// was already under way).
+    pub cancel_requested: bool,
+    /// Outgoing: the last progress sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<MigrationProgress>,
+    /// Incoming: what has arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<IncomingProgress>,
+    /// Outgoing, completed: the source's report (predicted vs measured downtime, rounds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MigrationReportInfo>,
+    /// Outgoing, completed: whether the source vGPU was destroyed (`keep_source` leaves it,
+    /// paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_destroyed: Option<bool>,
+    /// Incoming, completed: the destination's report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_report: Option<DestinationReportInfo>,
+    /// Incoming, completed: the new vGPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<VgpuInfo>,
+    /// Failed or cancelled: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// `POST /api/v1/vgpus/{id}/dirty-log`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DirtyLogRequest {
+    /// Start (`true`, clearing the log) or stop (`false`, discarding it) logging the guest-RAM
+    /// pages the vGPU's engines write.
+    pub enabled: bool,
+}
+
+/// Whether the guest-RAM dirty log is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DirtyLogState {
+    /// Logging on.
+    pub enabled: bool,
+}
+
+/// `GET /api/v1/vgpus/{id}/dirty-log` query.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DirtyLogQuery {
+    /// First guest-physical address of the range (4 KiB aligned).
+    pub gpa: u64,
+    /// Length of the range in bytes (4 KiB aligned).
+    pub len: u64,
+}
+
+/// Guest pages the vGPU's engines wrote, taken from the log (a page is reported once, then
+/// forgotten until written again).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DirtyPages {
+    /// Bytes per page (4096).
+    pub page_size: u64,
+    /// Guest page numbers (guest-physical address / `page_size`), ascending.
+    pub pages: Vec<u64>,
+    /// The range was not covered completely (the reply is bounded): ask again from `next_gpa`.
+    pub more: bool,
+    /// Where the next request continues when `more` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_gpa: Option<u64>,
+}

@@ -363,7 +363,11 @@ impl<C: LiveMigratable + ?Sized, S: Read + Write> Run<'_, C, S> {
         }
         let bytes = self.link.bytes_sent() - bytes0;
         let elapsed = t.elapsed();
-        self.conv.record(bytes, elapsed);
+        // Bandwidth in pages processed, not wire bytes: a zero page costs a 9-byte marker on the
+        // wire but a whole page of reading, and the prediction multiplies dirty *pages* by it.
+        // Counting wire bytes made a mostly-zero memory look like a slow link, so an idle
+        // component never converged.
+        self.conv.record(bytes.max(n.saturating_mul(PAGE_SIZE as u64)), elapsed);
         self.rounds.push(RoundReport {
             round,
             pages: n,

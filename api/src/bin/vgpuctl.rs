@@ -6,21 +6,29 @@
 //! vgpuctl ls
 //! vgpuctl top
 //! vgpuctl display vm1 --out frame.png
+//! vgpuctl snapshot vm1 /var/lib/vgpu/vm1.vgpu
+//! vgpuctl restore /var/lib/vgpu/vm1.vgpu --name vm1
+//! vgpuctl receive --listen tcp:0.0.0.0:7000 --name vm1     # on the destination
+//! vgpuctl migrate vm1 --to tcp:dst:7000                    # on the source
 //! vgpuctl rm vm1
 //! ```
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
+use indicatif::{ProgressBar, ProgressStyle};
 use vgpu_api::client::{Client, Endpoint};
 use vgpu_api::model::{
-    AuditQuery, CreateVgpuRequest, EngineName, GttModeName, PolicyName, SchedParamsBody,
-    SchedUpdate, TraceQuery, VgpuStats,
+    AuditQuery, CreateVgpuRequest, EngineName, GttModeName, IncomingRequest, MigrateRequest,
+    MigrationDirection, MigrationInfo, MigrationPhase, MigrationState, PolicyName, RestoreRequest,
+    SchedParamsBody, SchedUpdate, TraceQuery, VgpuStats,
 };
 use vgpu_api::rest::default_socket;
 
@@ -176,6 +184,75 @@ enum Cmd {
     },
     /// Print the Prometheus metrics.
     Metrics,
+    /// Save a vGPU (device state and local memory) to a file that vgpud writes.
+    Snapshot {
+        /// vGPU id or name.
+        vgpu: String,
+        /// Snapshot file (made absolute against the current directory).
+        path: PathBuf,
+    },
+    /// Create a vGPU from a snapshot file; prints its vfio-user socket.
+    Restore {
+        /// Snapshot file (made absolute against the current directory).
+        path: PathBuf,
+        /// Name of the new vGPU (use the snapshot's name so that the VMM finds the same socket).
+        #[arg(long, short)]
+        name: Option<String>,
+        /// GTT mode [default: the snapshot's].
+        #[arg(long, value_parser = parse_gtt)]
+        gtt: Option<GttModeName>,
+        /// Leave the vGPU's engines paused (`vgpuctl resume` once the VM is restored).
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Live-migrate a vGPU to another vgpud (started there with `vgpuctl receive`).
+    Migrate {
+        /// vGPU id or name.
+        vgpu: String,
+        /// The destination: unix:/path or tcp:HOST:PORT.
+        #[arg(long, value_name = "ENDPOINT")]
+        to: String,
+        /// Downtime target in milliseconds [default: 20].
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Most pre-copy rounds [default: 30].
+        #[arg(long, value_name = "N")]
+        max_rounds: Option<u32>,
+        /// Keep the source vGPU (paused) after a successful migration.
+        #[arg(long)]
+        keep_source: bool,
+        /// Print the migration id and return instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Receive one live migration into a new vGPU; waits for it and prints its socket.
+    Receive {
+        /// Where to listen: unix:/path or tcp:HOST:PORT.
+        #[arg(long, value_name = "ENDPOINT")]
+        listen: String,
+        /// Name of the new vGPU (use the source's name so that the VMM finds the same socket).
+        #[arg(long, short)]
+        name: Option<String>,
+        /// GTT mode [default: the source's].
+        #[arg(long, value_parser = parse_gtt)]
+        gtt: Option<GttModeName>,
+        /// Leave the received vGPU's engines paused (`vgpuctl resume` once the VM is here).
+        #[arg(long)]
+        paused: bool,
+        /// Print the migration id once listening and return instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List migrations (running and recent), or show one.
+    Migrations {
+        /// Migration id.
+        id: Option<u64>,
+    },
+    /// Cancel a running migration (the source vGPU runs on).
+    CancelMigration {
+        /// Migration id.
+        id: u64,
+    },
     /// Print a shell completion script (e.g. `vgpuctl completions bash > /etc/bash_completion.d/vgpuctl`).
     Completions {
         /// Shell.
@@ -328,6 +405,287 @@ fn top(c: &Client, once: bool, interval: f64) -> anyhow::Result<()> {
         }
         prev = cur;
         t_prev = now;
+    }
+}
+
+/// Requests that may move gigabytes (snapshot files) get this long.
+const LONG_REQUEST: Duration = Duration::from_secs(600);
+
+/// How often a followed migration is polled.
+const POLL: Duration = Duration::from_millis(100);
+
+/// `path` made absolute against the current directory (vgpud does not share ours).
+fn absolute(path: &Path) -> anyhow::Result<String> {
+    let p = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    p.to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{} is not valid UTF-8", p.display()))
+}
+
+fn human_bytes(b: u64) -> String {
+    human_size(b as f64)
+}
+
+fn human_size(b: f64) -> String {
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+fn human_us(us: u64) -> String {
+    if us >= 1_000_000 {
+        format!("{:.2} s", us as f64 / 1e6)
+    } else if us >= 1000 {
+        format!("{:.1} ms", us as f64 / 1e3)
+    } else {
+        format!("{us} us")
+    }
+}
+
+/// Set on the first Ctrl-C (the caller then cancels and waits); a second one exits at once.
+fn interrupted() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = std::thread::Builder::new()
+        .name("ctrl-c".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    f.store(true, Ordering::Release);
+                    eprintln!("\nvgpuctl: cancelling (Ctrl-C again to quit without waiting)");
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        std::process::exit(130);
+                    }
+                }
+            });
+        });
+    flag
+}
+
+fn phase_text(phase: MigrationPhase, round: Option<u32>) -> String {
+    match (phase, round) {
+        (MigrationPhase::PreCopy, Some(r)) => format!("pre-copy round {r}"),
+        (p, _) => p.to_string(),
+    }
+}
+
+/// Polls migration `mid` until it ends, showing progress on a TTY (phase changes as lines
+/// otherwise); Ctrl-C cancels it. Returns its final state.
+fn follow(c: &Client, mid: u64) -> anyhow::Result<MigrationInfo> {
+    let stop = interrupted();
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{bar:30.cyan/blue}] {bytes}/{total_bytes} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut last_phase = String::new();
+    let mut cancel_sent = false;
+    loop {
+        if stop.load(Ordering::Acquire) && !cancel_sent {
+            match c.cancel_migration(mid) {
+                Ok(_) => {}
+                // Ended meanwhile: the final state tells how.
+                Err(e) => bar.println(format!("vgpuctl: cancel: {e}")),
+            }
+            cancel_sent = true;
+        }
+        let m = c.migration(mid)?;
+        let (phase, msg) = match (&m.progress, &m.received) {
+            (Some(p), _) => {
+                bar.set_length(p.total_estimate.max(p.bytes_sent));
+                bar.set_position(p.bytes_sent);
+                let rate = if p.bytes_per_sec > 0.0 {
+                    format!("{}/s", human_size(p.bytes_per_sec))
+                } else {
+                    "-".into()
+                };
+                let predicted = p.predicted_downtime_us.map_or("-".into(), human_us);
+                let phase = phase_text(p.phase, p.round);
+                let msg = format!("{phase} | {rate} | predicted downtime {predicted}");
+                (phase, msg)
+            }
+            (None, Some(r)) => {
+                bar.set_length(r.pages_received * 4096);
+                bar.set_position(r.pages_received * 4096);
+                let phase = r.phase.to_string();
+                (
+                    phase.clone(),
+                    format!("{phase} | {} pages", r.pages_received),
+                )
+            }
+            (None, None) => {
+                let s = m.state.to_string();
+                (s.clone(), format!("{s} on {}", m.endpoint))
+            }
+        };
+        bar.set_message(msg);
+        if !tty && phase != last_phase {
+            eprintln!("migration {mid}: {phase}");
+        }
+        last_phase = phase;
+        if m.state.is_finished() {
+            bar.finish_and_clear();
+            return Ok(m);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Prints how a finished migration went; an error unless it completed.
+fn summarize(m: &MigrationInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(m)?;
+    }
+    if m.state != MigrationState::Completed {
+        let (code, message) = m
+            .error
+            .as_ref()
+            .map_or(("unknown", "no error recorded"), |e| {
+                (e.code.as_str(), e.message.as_str())
+            });
+        let after = match m.direction {
+            MigrationDirection::Outgoing => "; the source vGPU runs on",
+            MigrationDirection::Incoming => "; nothing was kept here",
+        };
+        let after = if code == "handover_unconfirmed" {
+            "; the source vGPU stays paused: check the destination, then delete or resume it"
+        } else {
+            after
+        };
+        bail!("migration {} {}: {message} ({code}){after}", m.id, m.state);
+    }
+    if json {
+        return Ok(());
+    }
+    let vgpu = m.vgpu_name.clone().unwrap_or_else(|| "?".into());
+    match (&m.report, &m.result) {
+        (Some(r), _) => {
+            println!(
+                "migrated vGPU '{vgpu}' to {} in {}",
+                m.endpoint,
+                human_us(r.total_time_us)
+            );
+            println!(
+                "  downtime   {} (predicted {}, target {})",
+                human_us(r.downtime_us),
+                human_us(r.predicted_downtime_us),
+                human_us(r.downtime_target_us)
+            );
+            println!(
+                "  rounds     {} pre-copy ({}), then stop-and-copy of {} pages",
+                r.precopy_rounds,
+                match r.stop_reason {
+                    vgpu_api::model::StopReasonName::Converged => "converged",
+                    vgpu_api::model::StopReasonName::RoundLimit => "round limit reached",
+                },
+                r.final_pages
+            );
+            println!(
+                "  sent       {} ({} pages, {} zero), device state {}",
+                human_bytes(r.bytes_sent),
+                r.pages_sent,
+                r.zero_pages_sent,
+                human_bytes(r.device_state_bytes)
+            );
+            println!(
+                "  source     {}",
+                if m.source_destroyed == Some(true) {
+                    "destroyed"
+                } else {
+                    "kept (paused)"
+                }
+            );
+        }
+        (None, Some(v)) => {
+            if let Some(r) = &m.destination_report {
+                eprintln!(
+                    "received vGPU {} '{}' ({}, {}) in {}: {} pages in {} rounds, {}{}",
+                    v.id,
+                    v.name,
+                    v.profile,
+                    v.gtt,
+                    human_us(r.total_time_us),
+                    r.pages,
+                    r.rounds,
+                    human_bytes(r.bytes_received),
+                    if v.paused { "; engines paused" } else { "" }
+                );
+            }
+            println!("{}", v.socket.display());
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn print_migrations(list: &[MigrationInfo]) {
+    println!(
+        "{:<4} {:<9} {:<10} {:<18} {:<28} DETAIL",
+        "ID", "DIRECTION", "STATE", "VGPU", "ENDPOINT"
+    );
+    for m in list {
+        let dir = match m.direction {
+            MigrationDirection::Outgoing => "outgoing",
+            MigrationDirection::Incoming => "incoming",
+        };
+        let vgpu = match (m.vgpu, &m.vgpu_name) {
+            (Some(i), Some(n)) => format!("{i} {n}"),
+            (Some(i), None) => i.to_string(),
+            (None, Some(n)) => n.clone(),
+            (None, None) => "-".into(),
+        };
+        let detail = if let Some(e) = &m.error {
+            e.message.clone()
+        } else if let Some(r) = &m.report {
+            format!(
+                "downtime {} (predicted {}), {} rounds, {}",
+                human_us(r.downtime_us),
+                human_us(r.predicted_downtime_us),
+                r.precopy_rounds,
+                human_bytes(r.bytes_sent)
+            )
+        } else if let Some(p) = &m.progress {
+            format!(
+                "{}, {} of ~{}",
+                phase_text(p.phase, p.round),
+                human_bytes(p.bytes_sent),
+                human_bytes(p.total_estimate)
+            )
+        } else if let Some(r) = &m.received {
+            format!("{}, {} pages", r.phase, r.pages_received)
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<4} {:<9} {:<10} {:<18} {:<28} {}",
+            m.id,
+            dir,
+            m.state.to_string(),
+            vgpu,
+            m.endpoint,
+            detail
+        );
     }
 }
 
@@ -619,6 +977,121 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Metrics => print!("{}", c.metrics()?),
+        Cmd::Snapshot { vgpu, path } => {
+            let path = absolute(&path)?;
+            let s = c.with_timeout(LONG_REQUEST).snapshot(&vgpu, &path)?;
+            if cli.json {
+                return print_json(&s);
+            }
+            eprintln!(
+                "wrote {} ({}; engines paused {})",
+                s.path.display(),
+                human_bytes(s.bytes),
+                human_us(s.paused_us)
+            );
+        }
+        Cmd::Restore {
+            path,
+            name,
+            gtt,
+            paused,
+        } => {
+            let path = absolute(&path)?;
+            let v = c.with_timeout(LONG_REQUEST).restore(&RestoreRequest {
+                path,
+                name,
+                gtt,
+                paused: paused.then_some(true),
+            })?;
+            if cli.json {
+                return print_json(&v);
+            }
+            eprintln!(
+                "restored vGPU {} '{}' ({}, {}){}; attach a VMM to:",
+                v.id,
+                v.name,
+                v.profile,
+                v.gtt,
+                if v.paused { ", engines paused" } else { "" }
+            );
+            println!("{}", v.socket.display());
+        }
+        Cmd::Migrate {
+            vgpu,
+            to,
+            downtime_ms,
+            max_rounds,
+            keep_source,
+            no_wait,
+        } => {
+            let m = c.migrate(
+                &vgpu,
+                &MigrateRequest {
+                    to,
+                    downtime_ms,
+                    max_rounds,
+                    keep_source: keep_source.then_some(true),
+                },
+            )?;
+            if no_wait {
+                if cli.json {
+                    return print_json(&m);
+                }
+                println!("{}", m.id);
+                return Ok(());
+            }
+            eprintln!(
+                "migration {}: vGPU '{}' to {}",
+                m.id,
+                m.vgpu_name.as_deref().unwrap_or(&vgpu),
+                m.endpoint
+            );
+            let m = follow(&c, m.id)?;
+            summarize(&m, cli.json)?;
+        }
+        Cmd::Receive {
+            listen,
+            name,
+            gtt,
+            paused,
+            no_wait,
+        } => {
+            let m = c.incoming(&IncomingRequest {
+                listen,
+                name,
+                gtt,
+                paused: paused.then_some(true),
+            })?;
+            if no_wait {
+                if cli.json {
+                    return print_json(&m);
+                }
+                eprintln!("migration {}: listening on {}", m.id, m.endpoint);
+                println!("{}", m.id);
+                return Ok(());
+            }
+            eprintln!("migration {}: listening on {}", m.id, m.endpoint);
+            let m = follow(&c, m.id)?;
+            summarize(&m, cli.json)?;
+        }
+        Cmd::Migrations { id } => {
+            let list = match id {
+                Some(id) => vec![c.migration(id)?],
+                None => c.migrations()?,
+            };
+            if cli.json || id.is_some() {
+                return match id {
+                    Some(_) => print_json(&list[0]),
+                    None => print_json(&list),
+                };
+            }
+            print_migrations(&list);
+        }
+        Cmd::CancelMigration { id } => {
+            c.cancel_migration(id)?;
+            let m = follow(&c, id)?;
+            eprintln!("migration {id} {}", m.state);
+        }
     }
     Ok(())
 }

@@ -7,16 +7,23 @@
 //! Adding an endpoint is a variant here, an arm in [`dispatch`], a handler and a line in
 //! [`super::routes`].
 
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError};
+
 use axum::http::StatusCode;
 use serde::Serialize;
 use vgpu_device::sched::SchedParams;
-use vgpu_device::vgpu::GttMode;
+use vgpu_device::vgpu::{GttMode, VgpuShared};
 
 use super::error::ApiError;
+use super::migrations::Migrations;
 use crate::daemon::{Daemon, DaemonError, VgpuSpec};
 use crate::metrics::{self, ApiMetrics};
+use crate::migrate::{restore_from_file_with, snapshot_to_file, MigrateError};
 use crate::model::{
-    AuditQuery, CreateVgpuRequest, EngineName, EngineUpdate, SchedUpdate, TraceQuery,
+    AuditQuery, CreateVgpuRequest, DirtyLogQuery, DirtyLogRequest, DirtyLogState, DirtyPages,
+    EngineName, EngineUpdate, IncomingRequest, MigrateRequest, RestoreRequest, SchedUpdate,
+    SnapshotRequest, SnapshotResult, TraceQuery,
 };
 
 /// A vGPU named in a path: its decimal id or its name.
@@ -68,6 +75,35 @@ pub enum ApiAction {
     GetTrace(TraceQuery),
     /// `GET /metrics`.
     Metrics,
+    /// `POST /api/v1/vgpus/{id}/snapshot`.
+    SnapshotVgpu(VgpuKey, SnapshotRequest),
+    /// `POST /api/v1/vgpus/restore`.
+    RestoreVgpu(RestoreRequest),
+    /// `POST /api/v1/vgpus/{id}/migrate`.
+    MigrateVgpu(VgpuKey, MigrateRequest),
+    /// `POST /api/v1/migrations/incoming`.
+    StartIncoming(IncomingRequest),
+    /// `GET /api/v1/migrations`.
+    ListMigrations,
+    /// `GET /api/v1/migrations/{mid}`.
+    GetMigration(String),
+    /// `DELETE /api/v1/migrations/{mid}`.
+    CancelMigration(String),
+    /// `POST /api/v1/vgpus/{id}/dirty-log`.
+    SetDirtyLog(VgpuKey, DirtyLogRequest),
+    /// `GET /api/v1/vgpus/{id}/dirty-log`.
+    TakeDirtyLog(VgpuKey, DirtyLogQuery),
+}
+
+/// What the dispatcher works with: the daemon, the API's own metrics and the migrations
+/// running in the background.
+pub struct ApiContext {
+    /// The daemon.
+    pub daemon: Arc<Daemon>,
+    /// Request counters and latencies.
+    pub metrics: ApiMetrics,
+    /// Outgoing and incoming migrations.
+    pub migrations: Migrations,
 }
 
 /// What an action produced.
@@ -131,9 +167,156 @@ fn create(d: &Daemon, req: CreateVgpuRequest) -> Result<ApiReply, ApiError> {
     json(StatusCode::CREATED, &info)
 }
 
+/// Bytes per page of the guest-RAM dirty log.
+const DIRTY_PAGE: u64 = 4096;
+
+/// Most pages one `GET …/dirty-log` returns.
+pub const DIRTY_MAX_PAGES: usize = 1 << 20;
+
+/// The log is taken in windows of this many bytes (at most 256 Ki pages each), so a reply
+/// never exceeds [`DIRTY_MAX_PAGES`] and nothing taken is dropped.
+const DIRTY_WINDOW: u64 = 1 << 30;
+
+/// Most windows one request scans (64 TiB of guest-physical space).
+const DIRTY_MAX_WINDOWS: u32 = 1 << 16;
+
+/// An absolute path that names a file (not a directory). `field` names it in messages.
+fn file_path(s: &str, field: &str) -> Result<PathBuf, ApiError> {
+    let bad = |why: &str| ApiError::invalid("invalid_value", format!("Bad {field} '{s}': {why}"));
+    let p = PathBuf::from(s);
+    if !p.is_absolute() {
+        return Err(bad(
+            "the path must be absolute (vgpud does not share the client's working directory)",
+        ));
+    }
+    if s.ends_with('/') || p.file_name().is_none() {
+        return Err(bad("the path names no file"));
+    }
+    if p.is_dir() {
+        return Err(bad("it is a directory"));
+    }
+    Ok(p)
+}
+
+fn shared_of(d: &Daemon, id: u32) -> Result<Arc<VgpuShared>, ApiError> {
+    let v = d.vgpu(id).ok_or(DaemonError::UnknownVgpu(id))?;
+    let shared = v
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .shared()
+        .clone();
+    Ok(shared)
+}
+
+fn set_dirty_log(d: &Daemon, id: u32, enabled: bool) -> Result<DirtyLogState, ApiError> {
+    let shared = shared_of(d, id)?;
+    match (enabled, shared.dirty.gpa_active()) {
+        // Already on: keep what is logged (starting clears the log).
+        (true, true) => {}
+        (true, false) => shared.dirty.start_gpa(),
+        (false, _) => shared.dirty.stop_gpa(),
+    }
+    tracing::info!(id, enabled, "guest-RAM dirty log");
+    Ok(DirtyLogState {
+        enabled: shared.dirty.gpa_active(),
+    })
+}
+
+fn take_dirty_log(d: &Daemon, id: u32, q: DirtyLogQuery) -> Result<DirtyPages, ApiError> {
+    if !q.gpa.is_multiple_of(DIRTY_PAGE) || !q.len.is_multiple_of(DIRTY_PAGE) {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            format!(
+                "gpa {:#x} and len {:#x} must be multiples of {DIRTY_PAGE}",
+                q.gpa, q.len
+            ),
+        ));
+    }
+    let end = q.gpa.checked_add(q.len).ok_or_else(|| {
+        ApiError::invalid("invalid_value", "gpa + len is beyond the address space")
+    })?;
+    let shared = shared_of(d, id)?;
+    if !shared.dirty.gpa_active() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "dirty_log_disabled",
+            format!(
+                "vGPU {id} does not log guest-RAM writes; enable it with POST \
+                 /api/v1/vgpus/{id}/dirty-log {{\"enabled\":true}}"
+            ),
+        ));
+    }
+    let window_pages = usize::try_from(DIRTY_WINDOW / DIRTY_PAGE).unwrap_or(usize::MAX);
+    let mut pages = Vec::new();
+    let mut at = q.gpa;
+    let mut windows = 0;
+    while at < end
+        && windows < DIRTY_MAX_WINDOWS
+        && pages.len().saturating_add(window_pages) <= DIRTY_MAX_PAGES
+    {
+        let len = DIRTY_WINDOW.min(end - at);
+        pages.extend(shared.dirty.take_gpa(at, len));
+        at += len;
+        windows += 1;
+    }
+    let more = at < end;
+    Ok(DirtyPages {
+        page_size: DIRTY_PAGE,
+        pages,
+        more,
+        next_gpa: more.then_some(at),
+    })
+}
+
+/// Maps a snapshot or restore failure.
+fn migrate_error(e: MigrateError) -> ApiError {
+    use vgpu_device::phys::{PhysError, Resource};
+    let msg = super::error::chain(&e);
+    match e {
+        MigrateError::UnknownVgpu(_) => ApiError::not_found("vgpu_not_found", msg),
+        MigrateError::Io { source, .. } => {
+            use std::io::ErrorKind as K;
+            match source.kind() {
+                K::NotFound | K::NotADirectory | K::IsADirectory | K::InvalidInput => {
+                    ApiError::invalid("invalid_value", msg)
+                }
+                _ => {
+                    tracing::error!(error = %msg, "snapshot I/O failed");
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", msg)
+                }
+            }
+        }
+        MigrateError::Snapshot(_) => ApiError::invalid("invalid_snapshot", msg),
+        MigrateError::Daemon(DaemonError::Phys(PhysError::Exhausted {
+            resource: Resource::MappableGm | Resource::HiddenGm,
+            ..
+        })) => ApiError::new(
+            StatusCode::CONFLICT,
+            "gm_range_taken",
+            format!(
+                "{msg} (the snapshot's graphics-memory ranges are not free on this daemon: \
+                 another vGPU uses them)"
+            ),
+        ),
+        MigrateError::Daemon(d) => ApiError {
+            message: msg,
+            ..ApiError::from(d)
+        },
+        MigrateError::Endpoint(_) => ApiError::invalid("invalid_value", msg),
+        MigrateError::Source(_) | MigrateError::Destination(_) => ApiError::internal(msg),
+    }
+}
+
 /// Carries out `action`. Blocking.
-pub fn dispatch(d: &Daemon, api: &ApiMetrics, action: ApiAction) -> Result<ApiReply, ApiError> {
+pub fn dispatch(ctx: &ApiContext, action: ApiAction) -> Result<ApiReply, ApiError> {
+    let d = &*ctx.daemon;
+    let api = &ctx.metrics;
     let id = |key: &str| d.resolve(key).map_err(ApiError::from);
+    // A vGPU a migration holds must not change under it.
+    let idle = |key: &str| {
+        let id = id(key)?;
+        ctx.migrations.check_idle(id).map(|()| id)
+    };
     match action {
         ApiAction::GetGpu => ok(&d.gpu_info()),
         ApiAction::ListProfiles => ok(&d.profiles()),
@@ -141,12 +324,12 @@ pub fn dispatch(d: &Daemon, api: &ApiMetrics, action: ApiAction) -> Result<ApiRe
         ApiAction::CreateVgpu(req) => create(d, req),
         ApiAction::GetVgpu(k) => ok(&d.info(id(&k)?)?),
         ApiAction::DeleteVgpu { key, force } => {
-            d.remove(id(&key)?, force)?;
+            d.remove(idle(&key)?, force)?;
             Ok(ApiReply::NoContent)
         }
-        ApiAction::PauseVgpu(k) => ok(&d.pause(id(&k)?)?),
-        ApiAction::ResumeVgpu(k) => ok(&d.resume(id(&k)?)?),
-        ApiAction::ResetVgpu(k) => ok(&d.reset(id(&k)?)?),
+        ApiAction::PauseVgpu(k) => ok(&d.pause(idle(&k)?)?),
+        ApiAction::ResumeVgpu(k) => ok(&d.resume(idle(&k)?)?),
+        ApiAction::ResetVgpu(k) => ok(&d.reset(idle(&k)?)?),
         ApiAction::GetSched(k) => ok(&d.sched(id(&k)?)?),
         ApiAction::PutSched(k, upd) => ok(&d.set_sched(id(&k)?, &upd)?),
         ApiAction::GetStats(k) => ok(&d.stats(id(&k)?)?),
@@ -170,6 +353,43 @@ pub fn dispatch(d: &Daemon, api: &ApiMetrics, action: ApiAction) -> Result<ApiRe
         ApiAction::PutEngine(e, upd) => ok(&d.set_policy(e, upd.policy)),
         ApiAction::GetTrace(q) => ok(&d.trace(&q)),
         ApiAction::Metrics => Ok(ApiReply::Metrics(metrics::render(d, api))),
+        ApiAction::SnapshotVgpu(k, req) => {
+            let path = file_path(&req.path, "path")?;
+            let vid = idle(&k)?;
+            let s = snapshot_to_file(d, vid, &path).map_err(|e| match e {
+                // Saving or encoding our own state failed: not the client's fault.
+                MigrateError::Snapshot(_) => ApiError::internal(super::error::chain(&e)),
+                e => migrate_error(e),
+            })?;
+            tracing::info!(id = vid, path = %s.path.display(), bytes = s.bytes, "vGPU snapshot written");
+            ok(&SnapshotResult {
+                path: s.path,
+                bytes: s.bytes,
+                paused_us: s.paused_us,
+            })
+        }
+        ApiAction::RestoreVgpu(req) => {
+            let path = file_path(&req.path, "path")?;
+            let resume = !req.paused.unwrap_or(false);
+            let info =
+                restore_from_file_with(d, &path, req.name, req.gtt.map(GttMode::from), resume)
+                    .map_err(migrate_error)?;
+            tracing::info!(id = info.id, name = %info.name, path = %path.display(), "vGPU restored");
+            json(StatusCode::CREATED, &info)
+        }
+        ApiAction::MigrateVgpu(k, req) => {
+            let m = ctx.migrations.start_outgoing(&ctx.daemon, id(&k)?, req)?;
+            json(StatusCode::ACCEPTED, &m)
+        }
+        ApiAction::StartIncoming(req) => {
+            let m = ctx.migrations.start_incoming(&ctx.daemon, req)?;
+            json(StatusCode::ACCEPTED, &m)
+        }
+        ApiAction::ListMigrations => ok(&ctx.migrations.list()),
+        ApiAction::GetMigration(m) => ok(&ctx.migrations.get(&m)?),
+        ApiAction::CancelMigration(m) => json(StatusCode::ACCEPTED, &ctx.migrations.cancel(&m)?),
+        ApiAction::SetDirtyLog(k, req) => ok(&set_dirty_log(d, id(&k)?, req.enabled)?),
+        ApiAction::TakeDirtyLog(k, q) => ok(&take_dirty_log(d, id(&k)?, q)?),
     }
 }
 

@@ -13,9 +13,10 @@ use super::error::ApiError;
 use super::AppState;
 use crate::metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 use crate::model::{
-    AuditPage, AuditQuery, CreateVgpuRequest, DeleteQuery, EngineInfo, EngineName, EngineUpdate,
-    ErrorBody, GpuInfo, ProfileInfo, SchedUpdate, TraceExport, TraceQuery, VgpuInfo, VgpuSched,
-    VgpuStats,
+    AuditPage, AuditQuery, CreateVgpuRequest, DeleteQuery, DirtyLogQuery, DirtyLogRequest,
+    DirtyLogState, DirtyPages, EngineInfo, EngineName, EngineUpdate, ErrorBody, GpuInfo,
+    IncomingRequest, MigrateRequest, MigrationInfo, ProfileInfo, RestoreRequest, SchedUpdate,
+    SnapshotRequest, SnapshotResult, TraceExport, TraceQuery, VgpuInfo, VgpuSched, VgpuStats,
 };
 
 /// A JSON request body. The body is parsed as JSON whatever its `Content-Type`; malformed JSON
@@ -64,6 +65,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 
 /// The `{id}` path segment: a vGPU id or name.
 pub struct VgpuId(pub String);
+
+/// The `{mid}` path segment: a migration id (checked by the registry: anything else is a 404
+/// `migration_not_found`).
+pub struct MigrationId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for MigrationId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        raw_param(parts, state, "mid").await.map(MigrationId)
+    }
+}
 
 /// The `{engine}` path segment; an unknown engine is a 404 (`engine_not_found`).
 pub struct EnginePath(pub EngineName);
@@ -340,4 +353,139 @@ pub async fn openapi() -> Reply {
         StatusCode::OK,
         super::openapi::document_json().to_vec(),
     ))
+}
+
+/// Saves the vGPU (device state and local memory) into a file the daemon writes, atomically.
+/// The engines are paused while the state is captured and resumed afterwards if they were
+/// running (pause the vGPU first to keep them stopped, e.g. around a VM snapshot).
+#[utoipa::path(post, path = "/api/v1/vgpus/{id}/snapshot", tag = "migration",
+    params(("id" = String, Path, description = "vGPU id or name")),
+    request_body = SnapshotRequest,
+    responses(
+        (status = 200, description = "Written", body = SnapshotResult),
+        (status = 404, description = "No such vGPU", body = ErrorBody),
+        (status = 409, description = "The vGPU is being migrated", body = ErrorBody),
+        (status = 422, description = "Relative path, a directory, or no such directory", body = ErrorBody),
+        (status = 500, description = "Writing failed (the OS error is in the message)", body = ErrorBody)))]
+pub async fn snapshot_vgpu(
+    State(st): State<AppState>,
+    VgpuId(id): VgpuId,
+    ApiJson(req): ApiJson<SnapshotRequest>,
+) -> Reply {
+    st.run(ApiAction::SnapshotVgpu(id, req)).await
+}
+
+/// Creates a vGPU from a snapshot file: its profile, at its graphics-memory ranges, with its
+/// state validated and restored; then resumed (unless `paused`).
+#[utoipa::path(post, path = "/api/v1/vgpus/restore", tag = "migration",
+    request_body = RestoreRequest,
+    responses(
+        (status = 201, description = "Restored; `socket` is what the VMM attaches to", body = VgpuInfo),
+        (status = 409, description = "Name taken, or the snapshot's GM ranges are in use", body = ErrorBody),
+        (status = 422, description = "Bad path, or the snapshot is corrupt or does not fit", body = ErrorBody),
+        (status = 507, description = "The snapshot's profile does not fit any more", body = ErrorBody)))]
+pub async fn restore_vgpu(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<RestoreRequest>,
+) -> Reply {
+    st.run(ApiAction::RestoreVgpu(req)).await
+}
+
+/// Live-migrates the vGPU to another daemon's incoming migration, in the background: poll
+/// `GET /api/v1/migrations/{mid}`. On success the source vGPU is destroyed (unless
+/// `keep_source`); on failure or cancellation it runs on.
+#[utoipa::path(post, path = "/api/v1/vgpus/{id}/migrate", tag = "migration",
+    params(("id" = String, Path, description = "vGPU id or name")),
+    request_body = MigrateRequest,
+    responses(
+        (status = 202, description = "Started", body = MigrationInfo),
+        (status = 404, description = "No such vGPU", body = ErrorBody),
+        (status = 409, description = "The vGPU is already being migrated", body = ErrorBody),
+        (status = 422, description = "Bad endpoint or value", body = ErrorBody)))]
+pub async fn migrate_vgpu(
+    State(st): State<AppState>,
+    VgpuId(id): VgpuId,
+    ApiJson(req): ApiJson<MigrateRequest>,
+) -> Reply {
+    st.run(ApiAction::MigrateVgpu(id, req)).await
+}
+
+/// Listens for one incoming migration (the listener is bound when this returns) and receives
+/// it in the background into a new vGPU: poll `GET /api/v1/migrations/{mid}`.
+#[utoipa::path(post, path = "/api/v1/migrations/incoming", tag = "migration",
+    request_body = IncomingRequest,
+    responses(
+        (status = 202, description = "Listening", body = MigrationInfo),
+        (status = 409, description = "Address in use, or the name is taken", body = ErrorBody),
+        (status = 422, description = "Bad endpoint or name", body = ErrorBody)))]
+pub async fn start_incoming(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<IncomingRequest>,
+) -> Reply {
+    st.run(ApiAction::StartIncoming(req)).await
+}
+
+/// Running migrations and the newest finished ones, oldest first.
+#[utoipa::path(get, path = "/api/v1/migrations", tag = "migration",
+    responses((status = 200, description = "Migrations", body = [MigrationInfo])))]
+pub async fn list_migrations(State(st): State<AppState>) -> Reply {
+    st.run(ApiAction::ListMigrations).await
+}
+
+/// One migration: its state, live progress and, at the end, its report or error.
+#[utoipa::path(get, path = "/api/v1/migrations/{mid}", tag = "migration",
+    params(("mid" = u64, Path, description = "Migration id")),
+    responses(
+        (status = 200, description = "The migration", body = MigrationInfo),
+        (status = 404, description = "No such migration", body = ErrorBody)))]
+pub async fn get_migration(State(st): State<AppState>, MigrationId(mid): MigrationId) -> Reply {
+    st.run(ApiAction::GetMigration(mid)).await
+}
+
+/// Cancels a running migration; it ends as `cancelled` (the source vGPU runs on, the
+/// destination keeps nothing), or as `completed` if the handover had begun.
+#[utoipa::path(delete, path = "/api/v1/migrations/{mid}", tag = "migration",
+    params(("mid" = u64, Path, description = "Migration id")),
+    responses(
+        (status = 202, description = "Cancellation requested", body = MigrationInfo),
+        (status = 404, description = "No such migration", body = ErrorBody),
+        (status = 409, description = "It has already ended", body = ErrorBody)))]
+pub async fn cancel_migration(State(st): State<AppState>, MigrationId(mid): MigrationId) -> Reply {
+    st.run(ApiAction::CancelMigration(mid)).await
+}
+
+/// Starts or stops logging the guest-RAM pages the vGPU's engines write (for a VMM that merges
+/// device writes into its own dirty log while it migrates guest RAM). Starting clears the log;
+/// starting it again while on keeps it.
+#[utoipa::path(post, path = "/api/v1/vgpus/{id}/dirty-log", tag = "migration",
+    params(("id" = String, Path, description = "vGPU id or name")),
+    request_body = DirtyLogRequest,
+    responses(
+        (status = 200, description = "The log's state now", body = DirtyLogState),
+        (status = 404, description = "No such vGPU", body = ErrorBody)))]
+pub async fn set_dirty_log(
+    State(st): State<AppState>,
+    VgpuId(id): VgpuId,
+    ApiJson(req): ApiJson<DirtyLogRequest>,
+) -> Reply {
+    st.run(ApiAction::SetDirtyLog(id, req)).await
+}
+
+/// Takes the guest pages written in `[gpa, gpa + len)` since they were last taken: each is
+/// reported once and forgotten (not idempotent). At most 1 Mi pages per reply; `more` says to
+/// continue at `next_gpa`.
+#[utoipa::path(get, path = "/api/v1/vgpus/{id}/dirty-log", tag = "migration",
+    params(("id" = String, Path, description = "vGPU id or name"), DirtyLogQuery),
+    responses(
+        (status = 200, description = "Pages taken", body = DirtyPages),
+        (status = 400, description = "Missing or bad query", body = ErrorBody),
+        (status = 404, description = "No such vGPU", body = ErrorBody),
+        (status = 409, description = "The log is off", body = ErrorBody),
+        (status = 422, description = "Range not page-aligned or overflowing", body = ErrorBody)))]
+pub async fn take_dirty_log(
+    State(st): State<AppState>,
+    VgpuId(id): VgpuId,
+    ApiQuery(q): ApiQuery<DirtyLogQuery>,
+) -> Reply {
+    st.run(ApiAction::TakeDirtyLog(id, q)).await
 }

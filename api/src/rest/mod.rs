@@ -10,6 +10,7 @@
 pub mod action;
 pub mod error;
 pub mod handlers;
+pub mod migrations;
 pub mod openapi;
 
 use std::future::Future;
@@ -29,7 +30,7 @@ use axum::Router;
 
 use crate::daemon::Daemon;
 use crate::metrics::ApiMetrics;
-use action::{dispatch, ApiAction, ApiReply};
+use action::{dispatch, ApiAction, ApiContext, ApiReply};
 use error::ApiError;
 
 /// Largest request body.
@@ -108,28 +109,24 @@ pub fn default_socket() -> PathBuf {
     )
 }
 
-struct Inner {
-    daemon: Arc<Daemon>,
-    metrics: ApiMetrics,
-}
-
 /// What every handler shares.
 #[derive(Clone)]
-pub struct AppState(Arc<Inner>);
+pub struct AppState(Arc<ApiContext>);
 
 impl AppState {
     /// State over `daemon`.
     pub fn new(daemon: Arc<Daemon>) -> Self {
-        AppState(Arc::new(Inner {
+        AppState(Arc::new(ApiContext {
             daemon,
             metrics: ApiMetrics::default(),
+            migrations: migrations::Migrations::default(),
         }))
     }
 
     /// Runs `action` on the blocking pool.
     pub async fn run(&self, action: ApiAction) -> Result<ApiReply, ApiError> {
-        let inner = self.0.clone();
-        tokio::task::spawn_blocking(move || dispatch(&inner.daemon, &inner.metrics, action))
+        let ctx = self.0.clone();
+        tokio::task::spawn_blocking(move || dispatch(&ctx, action))
             .await
             .map_err(|e| ApiError::internal(format!("The request handler failed: {e}")))?
     }
@@ -154,8 +151,7 @@ macro_rules! route {
     };
 }
 
-/// Every route. Adding snapshot/restore later: a handler, an action and a line here, e.g.
-/// `route!(PUT "/api/v1/vgpus/{id}/snapshot" => handlers::snapshot)`.
+/// Every route.
 pub fn routes() -> Vec<Route> {
     use handlers as h;
     vec![
@@ -173,6 +169,15 @@ pub fn routes() -> Vec<Route> {
         route!(GET "/api/v1/vgpus/{id}/stats" => h::get_stats),
         route!(GET "/api/v1/vgpus/{id}/audit" => h::get_audit),
         route!(GET "/api/v1/vgpus/{id}/display" => h::get_display),
+        route!(POST "/api/v1/vgpus/{id}/snapshot" => h::snapshot_vgpu),
+        route!(POST "/api/v1/vgpus/restore" => h::restore_vgpu),
+        route!(POST "/api/v1/vgpus/{id}/migrate" => h::migrate_vgpu),
+        route!(POST "/api/v1/vgpus/{id}/dirty-log" => h::set_dirty_log),
+        route!(GET "/api/v1/vgpus/{id}/dirty-log" => h::take_dirty_log),
+        route!(POST "/api/v1/migrations/incoming" => h::start_incoming),
+        route!(GET "/api/v1/migrations" => h::list_migrations),
+        route!(GET "/api/v1/migrations/{mid}" => h::get_migration),
+        route!(DELETE "/api/v1/migrations/{mid}" => h::cancel_migration),
         route!(GET "/api/v1/stats" => h::list_stats),
         route!(GET "/api/v1/engines" => h::list_engines),
         route!(PUT "/api/v1/engines/{engine}" => h::put_engine),
@@ -372,6 +377,9 @@ impl ApiServer {
         };
         sampler.abort();
         let _ = std::fs::remove_file(&self.socket);
+        // Running migrations hold vGPUs: cancel them before the daemon shuts down.
+        let ctx = self.state.0.clone();
+        let _ = tokio::task::spawn_blocking(move || ctx.migrations.shutdown()).await;
         result.map_err(ServeError::Io)
     }
 }
@@ -503,14 +511,33 @@ mod tests {
             "ErrorBody",
             "VgpuStats",
             "AuditPage",
+            "SnapshotRequest",
+            "SnapshotResult",
+            "RestoreRequest",
+            "MigrateRequest",
+            "IncomingRequest",
+            "MigrationInfo",
+            "MigrationReportInfo",
+            "DirtyLogRequest",
+            "DirtyPages",
         ] {
             assert!(schemas.contains_key(s), "schema {s} missing");
         }
         // Request bodies are strict.
-        assert_eq!(
-            v["components"]["schemas"]["CreateVgpuRequest"]["additionalProperties"],
-            serde_json::Value::Bool(false)
-        );
+        for s in [
+            "CreateVgpuRequest",
+            "SnapshotRequest",
+            "RestoreRequest",
+            "MigrateRequest",
+            "IncomingRequest",
+            "DirtyLogRequest",
+        ] {
+            assert_eq!(
+                v["components"]["schemas"][s]["additionalProperties"],
+                serde_json::Value::Bool(false),
+                "{s}"
+            );
+        }
     }
 
     #[test]

@@ -38,12 +38,22 @@ use super::handlers;
         handlers::get_trace,
         handlers::metrics,
         handlers::openapi,
+        handlers::snapshot_vgpu,
+        handlers::restore_vgpu,
+        handlers::migrate_vgpu,
+        handlers::start_incoming,
+        handlers::list_migrations,
+        handlers::get_migration,
+        handlers::cancel_migration,
+        handlers::set_dirty_log,
+        handlers::take_dirty_log,
     ),
     tags(
         (name = "gpu", description = "The physical GPU, profiles and this document"),
         (name = "vgpus", description = "vGPU lifecycle and display"),
         (name = "scheduler", description = "Policies, weights, reserves, caps and the trace"),
         (name = "stats", description = "Counters, audit events and Prometheus metrics"),
+        (name = "migration", description = "Snapshot, restore, live migration and the guest-RAM dirty log"),
     )
 )]
 pub struct ApiDoc;

@@ -302,3 +302,23 @@ fn test_snapshot_file_restore_on_other_daemon_continues_bit_identical() {
         "restored run differs from the uninterrupted run"
     );
 }
+
+#[test]
+fn test_idle_vgpu_migration_converges_in_one_round() {
+    // An idle vGPU has (almost) only zero pages: pre-copy must not mistake its cheap zero-page
+    // markers for a slow link and run to the round limit.
+    let src = daemon(256);
+    let dst = Arc::new(daemon(256));
+    let info = src.create(&spec(GttMode::Shadow, "idle")).unwrap();
+    let sock = temp_path("mig-idle.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = Listener::bind(&Endpoint::Unix(sock.clone())).unwrap();
+    let receiver = {
+        let dst = dst.clone();
+        std::thread::spawn(move || listener.receive(&dst, None, None))
+    };
+    let report = migrate_to(&src, info.id, &Endpoint::Unix(sock), &SourceConfig::default(), &mut |_| {}).unwrap();
+    receiver.join().unwrap().unwrap();
+    assert_eq!(report.stop_reason, vgpu_migration::StopReason::Converged, "{report:?}");
+    assert_eq!(report.precopy_rounds, 1);
+}

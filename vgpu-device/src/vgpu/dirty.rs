@@ -25,10 +25,14 @@ pub struct DirtyLog {
     lmem: Box<[AtomicU64]>,
     gpa_active: AtomicBool,
     gpa: Mutex<BTreeSet<u64>>,
+    /// More than [`MAX_GPA_PAGES`] pages were written: every page counts as dirty until logging
+    /// restarts (over-reporting is safe, losing pages is not).
+    gpa_overflow: AtomicBool,
+    gpa_cap: usize,
 }
 
-/// Most guest pages remembered before the log reports everything as dirty (bounded memory
-/// whatever the guest does).
+/// Most guest pages remembered; past that the log reports every page as dirty until logging
+/// restarts (bounded memory whatever the guest does, and no page is ever lost).
 pub const MAX_GPA_PAGES: usize = 1 << 22;
 
 impl DirtyLog {
@@ -42,6 +46,8 @@ impl DirtyLog {
             lmem: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             gpa_active: AtomicBool::new(false),
             gpa: Mutex::new(BTreeSet::new()),
+            gpa_overflow: AtomicBool::new(false),
+            gpa_cap: MAX_GPA_PAGES,
         }
     }
 
@@ -66,8 +72,10 @@ impl DirtyLog {
         if gpa_on {
             if let Some(gpa) = dma.gpa_of_host(p) {
                 let mut set = self.gpa.lock().unwrap_or_else(PoisonError::into_inner);
-                if set.len() < MAX_GPA_PAGES {
+                if set.len() < self.gpa_cap {
                     set.insert(gpa / PAGE_SIZE);
+                } else {
+                    self.gpa_overflow.store(true, Ordering::Release);
                 }
             }
         }
@@ -106,6 +114,7 @@ impl DirtyLog {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        self.gpa_overflow.store(false, Ordering::Release);
         self.gpa_active.store(true, Ordering::Release);
     }
 
@@ -123,16 +132,53 @@ impl DirtyLog {
         self.gpa_active.load(Ordering::Acquire)
     }
 
+    /// Whether the log overflowed: [`DirtyLog::take_gpa`] then reports every page.
+    pub fn gpa_overflowed(&self) -> bool {
+        self.gpa_overflow.load(Ordering::Acquire)
+    }
+
     /// Guest page numbers written inside `[gpa, gpa + len)` since they were last taken; forgets
-    /// them.
+    /// them. After an overflow every page of the range is reported (the caller bounds `len`).
     pub fn take_gpa(&self, gpa: u64, len: u64) -> Vec<u64> {
         let first = gpa / PAGE_SIZE;
         let end = gpa.saturating_add(len).div_ceil(PAGE_SIZE);
+        if self.gpa_overflowed() {
+            self.gpa.lock().unwrap_or_else(PoisonError::into_inner).retain(|p| *p < first || *p >= end);
+            return (first..end).collect();
+        }
         let mut set = self.gpa.lock().unwrap_or_else(PoisonError::into_inner);
         let taken: Vec<u64> = set.range(first..end).copied().collect();
         for p in &taken {
             set.remove(p);
         }
         taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use vm_memory::MmapRegion;
+
+    #[test]
+    fn test_gpa_log_overflow_reports_every_page_instead_of_losing_some() {
+        let region = Arc::new(MmapRegion::new(16 * 4096).unwrap());
+        let dma = DmaMap::new().with_region(crate::addr::Gpa(0x10_0000), 16 * 4096, region.clone(), 0, true).unwrap();
+        let mut log = DirtyLog::new(0, 0);
+        log.gpa_cap = 2;
+        log.start_gpa();
+        let page = |i: u64| dma.page(crate::addr::Gpa(0x10_0000 + i * 4096), true).unwrap();
+        log.note_write(page(1), &dma);
+        assert_eq!(log.take_gpa(0x10_0000, 16 * 4096), vec![0x101]);
+        for i in [2, 3, 5] {
+            log.note_write(page(i), &dma);
+        }
+        assert!(log.gpa_overflowed());
+        let all: Vec<u64> = (0x100..0x110).collect();
+        assert_eq!(log.take_gpa(0x10_0000, 16 * 4096), all, "overflow: every page, none lost");
+        log.start_gpa();
+        assert!(!log.gpa_overflowed());
+        assert!(log.take_gpa(0x10_0000, 16 * 4096).is_empty());
     }
 }
