@@ -367,7 +367,8 @@ impl<C: LiveMigratable + ?Sized, S: Read + Write> Run<'_, C, S> {
         // wire but a whole page of reading, and the prediction multiplies dirty *pages* by it.
         // Counting wire bytes made a mostly-zero memory look like a slow link, so an idle
         // component never converged.
-        self.conv.record(bytes.max(n.saturating_mul(PAGE_SIZE as u64)), elapsed);
+        self.conv
+            .record(bytes.max(n.saturating_mul(PAGE_SIZE as u64)), elapsed);
         self.rounds.push(RoundReport {
             round,
             pages: n,

@@ -317,8 +317,19 @@ fn test_idle_vgpu_migration_converges_in_one_round() {
         let dst = dst.clone();
         std::thread::spawn(move || listener.receive(&dst, None, None))
     };
-    let report = migrate_to(&src, info.id, &Endpoint::Unix(sock), &SourceConfig::default(), &mut |_| {}).unwrap();
+    let report = migrate_to(
+        &src,
+        info.id,
+        &Endpoint::Unix(sock),
+        &SourceConfig::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     receiver.join().unwrap().unwrap();
-    assert_eq!(report.stop_reason, vgpu_migration::StopReason::Converged, "{report:?}");
+    assert_eq!(
+        report.stop_reason,
+        vgpu_migration::StopReason::Converged,
+        "{report:?}"
+    );
     assert_eq!(report.precopy_rounds, 1);
 }

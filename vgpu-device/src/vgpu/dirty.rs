@@ -143,7 +143,10 @@ impl DirtyLog {
         let first = gpa / PAGE_SIZE;
         let end = gpa.saturating_add(len).div_ceil(PAGE_SIZE);
         if self.gpa_overflowed() {
-            self.gpa.lock().unwrap_or_else(PoisonError::into_inner).retain(|p| *p < first || *p >= end);
+            self.gpa
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|p| *p < first || *p >= end);
             return (first..end).collect();
         }
         let mut set = self.gpa.lock().unwrap_or_else(PoisonError::into_inner);
@@ -164,11 +167,22 @@ mod tests {
     #[test]
     fn test_gpa_log_overflow_reports_every_page_instead_of_losing_some() {
         let region = Arc::new(MmapRegion::new(16 * 4096).unwrap());
-        let dma = DmaMap::new().with_region(crate::addr::Gpa(0x10_0000), 16 * 4096, region.clone(), 0, true).unwrap();
+        let dma = DmaMap::new()
+            .with_region(
+                crate::addr::Gpa(0x10_0000),
+                16 * 4096,
+                region.clone(),
+                0,
+                true,
+            )
+            .unwrap();
         let mut log = DirtyLog::new(0, 0);
         log.gpa_cap = 2;
         log.start_gpa();
-        let page = |i: u64| dma.page(crate::addr::Gpa(0x10_0000 + i * 4096), true).unwrap();
+        let page = |i: u64| {
+            dma.page(crate::addr::Gpa(0x10_0000 + i * 4096), true)
+                .unwrap()
+        };
         log.note_write(page(1), &dma);
         assert_eq!(log.take_gpa(0x10_0000, 16 * 4096), vec![0x101]);
         for i in [2, 3, 5] {
@@ -176,7 +190,11 @@ mod tests {
         }
         assert!(log.gpa_overflowed());
         let all: Vec<u64> = (0x100..0x110).collect();
-        assert_eq!(log.take_gpa(0x10_0000, 16 * 4096), all, "overflow: every page, none lost");
+        assert_eq!(
+            log.take_gpa(0x10_0000, 16 * 4096),
+            all,
+            "overflow: every page, none lost"
+        );
         log.start_gpa();
         assert!(!log.gpa_overflowed());
         assert!(log.take_gpa(0x10_0000, 16 * 4096).is_empty());
