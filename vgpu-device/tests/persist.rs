@@ -173,7 +173,6 @@ impl DeviceAccess for NoProgress<'_> {
     fn progress(&mut self) {}
 }
 
-
 #[test]
 fn test_restore_mid_workload_gives_bit_identical_output_shadow() {
     run_case(GttMode::Shadow);
