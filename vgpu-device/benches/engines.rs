@@ -1,7 +1,7 @@
 //! Engine, GTT-mode and scheduler benchmarks of the software GPU.
 //!
 //! ```sh
-//! cargo bench -p vgpu-device --bench engines -- [--quick] [--json PATH] [blit] [media] [sched]
+//! cargo bench -p vgpu-device --bench engines -- [--quick] [--json PATH] [blit] [compute] [media] [sched]
 //! ```
 //!
 //! Every figure is a ratio of two things measured side by side in the same run (interleaved
@@ -13,6 +13,9 @@
 //! - `blit`: blit copy and fill throughput through the GGTT in both GTT modes, engine only
 //!   (`run_slice` on the scanned submission) and the whole submit -> idle path, against host
 //!   `copy_from_slice` / `fill` of the same bytes (and a memcpy inside local memory itself).
+//! - `compute`: the `saxpy`, `reduce` and `matmul` kernels through the compute engine in both
+//!   GTT modes (engine only, and submit -> idle) against the same loops run natively on the
+//!   host over the same inputs in host `Vec`s; results compared bit-exact.
 //! - `media`: a GTT-update-heavy transcoding loop (remap PPGTT leaves, `TLB_INVALIDATE`,
 //!   `VIDEO_CSC_SCALE` through the PPGTT) in a shadow and a two-dim vGPU, outputs checked
 //!   bit-exact against a host reference; and the same frames without remaps.
@@ -28,7 +31,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vgpu_abi::cmd::{enc, BPP_32, CSC_NV12_TO_XRGB, KERNEL_MATMUL, ROP_PATCOPY, ROP_SRCCOPY};
+use vgpu_abi::cmd::{
+    enc, BPP_32, CSC_NV12_TO_XRGB, KERNEL_MATMUL, KERNEL_REDUCE_SUM, KERNEL_SAXPY, ROP_PATCOPY,
+    ROP_SRCCOPY,
+};
 use vgpu_abi::gtt::{ppgtt_index, pte_guest, pte_local, PTE_ADDR_MASK, PTE_VALID};
 use vgpu_abi::{regs, Engine, PAGE_SIZE};
 use vgpu_device::addr::{Gpa, LmemOffset};
@@ -65,7 +71,7 @@ impl Opts {
             match a.as_str() {
                 "--quick" => o.quick = true,
                 "--json" => o.json = args.next(),
-                "blit" | "media" | "sched" => o.sections.push(a),
+                "blit" | "compute" | "media" | "sched" => o.sections.push(a),
                 // `cargo bench` passes `--bench`; ignore it and any other harness flag.
                 _ => {}
             }
@@ -329,25 +335,27 @@ fn fnv(data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // (a) Blit throughput.
 
-/// One engine-only execution of `cmds` (already known to be one command): the doorbell and scan
-/// happen in `submit`, outside the timed region; the slice runs on the caller's engine TLB.
-fn engine_only(d: &mut Driver<Own>, s: &VgpuShared, tlb: &mut Tlb, cmds: &[u32]) -> f64 {
-    d.submit(Engine::Blit, cmds).expect("submit");
+/// One engine-only execution of `cmds` (already known to be one command) on engine `e`: the
+/// doorbell and scan happen in `submit`, outside the timed region; the slice runs on the
+/// caller's engine TLB.
+fn engine_only(d: &mut Driver<Own>, s: &VgpuShared, tlb: &mut Tlb, e: Engine, cmds: &[u32]) -> f64 {
+    d.submit(e, cmds).expect("submit");
     let t0 = Instant::now();
-    let r = run_slice(s, Engine::Blit, tlb, Duration::from_secs(60));
+    let r = run_slice(s, e, tlb, Duration::from_secs(60));
     let dt = secs(t0.elapsed());
     assert!(
         r.end == SliceEnd::Idle && r.commands == 1,
-        "blit did not complete: {r:?}"
+        "{} command did not complete: {r:?}",
+        e.name()
     );
     dt
 }
 
-/// Submit (ring write, doorbell, scan) through to idle.
-fn full_path(d: &mut Driver<Own>, cmds: &[u32]) -> f64 {
+/// Submit (ring write, doorbell, scan) on engine `e` through to idle.
+fn full_path(d: &mut Driver<Own>, e: Engine, cmds: &[u32]) -> f64 {
     let t0 = Instant::now();
-    d.submit(Engine::Blit, cmds).expect("submit");
-    d.wait_idle(Engine::Blit, WAIT).expect("idle");
+    d.submit(e, cmds).expect("submit");
+    d.wait_idle(e, WAIT).expect("idle");
     secs(t0.elapsed())
 }
 
@@ -458,18 +466,18 @@ fn bench_blit(o: &Opts, out: &mut Vec<(String, J)>) {
             let fill_p =
                 enc::color_blt(ROP_PATCOPY, BPP_32, gm(dst_off), pitch, w, h, 0x1234_5678).to_vec();
             // Warm up and verify each operation once.
-            full_path(&mut r.d, &copy);
+            full_path(&mut r.d, Engine::Blit, &copy);
             let mut back = vec![0u8; n];
             r.d.lmem_read(dst_off, &mut back);
             assert!(back == src, "{} copy result differs", mode_name(r.mode));
-            full_path(&mut r.d, &fill_p);
+            full_path(&mut r.d, Engine::Blit, &fill_p);
             r.d.lmem_read(dst_off, &mut back);
             assert!(
                 back.chunks_exact(4)
                     .all(|p| p == 0x1234_5678u32.to_le_bytes()),
                 "pattern fill result"
             );
-            full_path(&mut r.d, &fill_u);
+            full_path(&mut r.d, Engine::Blit, &fill_u);
             r.d.lmem_read(dst_off, &mut back);
             assert!(back.iter().all(|&b| b == 0x5A), "fill result");
             cmds.push([copy, fill_u, fill_p]);
@@ -517,9 +525,9 @@ fn bench_blit(o: &Opts, out: &mut Vec<(String, J)>) {
                 }
                 P::Engine(i, c) => {
                     let r = &mut rigs[i];
-                    return engine_only(&mut r.d, &r.s, &mut r.tlb, &cmds[i][c]);
+                    return engine_only(&mut r.d, &r.s, &mut r.tlb, Engine::Blit, &cmds[i][c]);
                 }
-                P::Full(i, c) => return full_path(&mut rigs[i].d, &cmds[i][c]),
+                P::Full(i, c) => return full_path(&mut rigs[i].d, Engine::Blit, &cmds[i][c]),
             }
             std::hint::black_box(&mut *hdst);
             secs(t0.elapsed())
@@ -595,6 +603,243 @@ fn bench_blit(o: &Opts, out: &mut Vec<(String, J)>) {
         &rows,
     );
     out.push(("blit".into(), J::A(jrows)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a2) Compute kernels against the same loops run natively.
+
+/// Local-memory layout of the compute section (a `compute` vGPU has 256 MiB).
+const CX_LMEM: u64 = 0;
+const CY_LMEM: u64 = 32 * MIB;
+const CR_LMEM: u64 = 64 * MIB;
+const CRC_LMEM: u64 = 160 * MIB;
+const CMA_LMEM: u64 = 176 * MIB;
+const CMB_LMEM: u64 = 184 * MIB;
+const CMC_LMEM: u64 = 192 * MIB;
+const SAXPY_A: f32 = -1.5;
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The host's `saxpy`: a rounded multiply, then a rounded add (Rust never fuses them).
+fn native_saxpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        let prod = a * x;
+        *y += prod;
+    }
+}
+
+/// The host's `reduce`: wrapping u64 sum of u32 elements.
+fn native_reduce(x: &[u32]) -> u64 {
+    x.iter().fold(0u64, |s, &v| s.wrapping_add(u64::from(v)))
+}
+
+/// The host's `matmul`, row by row with the sum over k ascending (the order the kernel
+/// specifies), into `c`.
+fn native_matmul(a: &[f32], b: &[f32], c: &mut [f32], n: usize) {
+    for (arow, crow) in a.chunks_exact(n).zip(c.chunks_exact_mut(n)) {
+        crow.fill(0.0);
+        for (&av, brow) in arow.iter().zip(b.chunks_exact(n)) {
+            for (s, &bv) in crow.iter_mut().zip(brow) {
+                let prod = av * bv;
+                *s += prod;
+            }
+        }
+    }
+}
+
+fn bench_compute(o: &Opts, out: &mut Vec<(String, J)>) {
+    let n_saxpy: u32 = o.pick(1 << 20, 1 << 22);
+    let n_reduce: u32 = o.pick(1 << 22, 1 << 24);
+    let mm: u32 = o.pick(128, 256);
+    let iters: usize = o.pick(3, 15);
+    let mut phys = phys(1 << 30);
+    let mut rigs: Vec<BlitRig> = [GttMode::Shadow, GttMode::TwoDim]
+        .into_iter()
+        .map(|mode| {
+            let (d, s) = new_driver(&mut phys, "compute", mode);
+            BlitRig {
+                mode,
+                d,
+                s,
+                tlb: Tlb::default(),
+            }
+        })
+        .collect();
+    // Inputs: the same values on the host and in every vGPU.
+    let xs: Vec<f32> = (0..n_saxpy)
+        .map(|i| (i % 1000) as f32 * 0.25 - 100.0)
+        .collect();
+    let ys0: Vec<f32> = (0..n_saxpy).map(|i| (i % 777) as f32 * 0.5).collect();
+    let rs: Vec<u32> = (0..n_reduce)
+        .map(|i| i.wrapping_mul(2_654_435_761))
+        .collect();
+    let mmn = mm as usize;
+    let ma: Vec<f32> = (0..mmn * mmn)
+        .map(|i| (i % 97) as f32 * 0.01 - 0.3)
+        .collect();
+    let mb: Vec<f32> = (0..mmn * mmn)
+        .map(|i| (i % 89) as f32 * 0.02 - 0.7)
+        .collect();
+    let mut ys = ys0.clone();
+    let mut mc = vec![0f32; mmn * mmn];
+    let mut cmds: Vec<[Vec<u32>; 3]> = Vec::new();
+    let mut identical = true;
+    // Host results of one application, for the check.
+    let mut want_y = ys0.clone();
+    native_saxpy(SAXPY_A, &xs, &mut want_y);
+    let want_sum = native_reduce(&rs);
+    native_matmul(&ma, &mb, &mut mc, mmn);
+    let want_c = mc.clone();
+    for r in &mut rigs {
+        let d = &mut r.d;
+        d.lmem_write(CX_LMEM, &f32_bytes(&xs));
+        d.lmem_write(CY_LMEM, &f32_bytes(&ys0));
+        d.lmem_write(CR_LMEM, &u32_bytes(&rs));
+        d.lmem_write(CMA_LMEM, &f32_bytes(&ma));
+        d.lmem_write(CMB_LMEM, &f32_bytes(&mb));
+        let gm = |off| d.gm_of_lmem(off);
+        let saxpy = enc::dispatch(enc::Dispatch {
+            kernel: KERNEL_SAXPY,
+            params: [n_saxpy, 0, 0],
+            scalar: SAXPY_A,
+            buffers: [gm(CX_LMEM), gm(CY_LMEM), 0],
+        })
+        .to_vec();
+        let reduce = enc::dispatch(enc::Dispatch {
+            kernel: KERNEL_REDUCE_SUM,
+            params: [n_reduce, 0, 0],
+            scalar: 0.0,
+            buffers: [gm(CR_LMEM), 0, gm(CRC_LMEM)],
+        })
+        .to_vec();
+        let matmul = enc::dispatch(enc::Dispatch {
+            kernel: KERNEL_MATMUL,
+            params: [mm, mm, mm],
+            scalar: 0.0,
+            buffers: [gm(CMA_LMEM), gm(CMB_LMEM), gm(CMC_LMEM)],
+        })
+        .to_vec();
+        // One application of each, compared bit-exact with the host's.
+        for c in [&saxpy, &reduce, &matmul] {
+            full_path(d, Engine::Compute, c);
+        }
+        let mut yb = vec![0u8; n_saxpy as usize * 4];
+        d.lmem_read(CY_LMEM, &mut yb);
+        identical &= yb == f32_bytes(&want_y);
+        let mut sb = [0u8; 8];
+        d.lmem_read(CRC_LMEM, &mut sb);
+        identical &= u64::from_le_bytes(sb) == want_sum;
+        let mut cb = vec![0u8; mmn * mmn * 4];
+        d.lmem_read(CMC_LMEM, &mut cb);
+        identical &= cb == f32_bytes(&want_c);
+        cmds.push([saxpy, reduce, matmul]);
+    }
+    assert!(identical, "compute results differ from the host's");
+
+    #[derive(Clone, Copy)]
+    enum P {
+        Native(usize),
+        /// (rig, kernel), engine only.
+        Engine(usize, usize),
+        /// (rig, kernel), submit -> idle.
+        Full(usize, usize),
+    }
+    let kernels = ["saxpy", "reduce", "matmul"];
+    let mut plan: Vec<(usize, String, P)> = Vec::new();
+    for k in 0..3 {
+        plan.push((k, "native host loop".into(), P::Native(k)));
+        for (i, r) in rigs.iter().enumerate() {
+            let m = mode_name(r.mode);
+            plan.push((k, format!("{m} engine"), P::Engine(i, k)));
+            plan.push((k, format!("{m} submit->idle"), P::Full(i, k)));
+        }
+    }
+    let mut t: BTreeMap<(usize, String), Vec<f64>> = BTreeMap::new();
+    for _ in 0..iters {
+        for (k, path, p) in &plan {
+            let v = match *p {
+                P::Native(k) => {
+                    let t0 = Instant::now();
+                    match k {
+                        0 => native_saxpy(SAXPY_A, &xs, &mut ys),
+                        1 => {
+                            std::hint::black_box(native_reduce(std::hint::black_box(&rs)));
+                        }
+                        _ => native_matmul(&ma, &mb, &mut mc, mmn),
+                    }
+                    std::hint::black_box((&mut ys, &mut mc));
+                    secs(t0.elapsed())
+                }
+                P::Engine(i, k) => {
+                    let r = &mut rigs[i];
+                    engine_only(&mut r.d, &r.s, &mut r.tlb, Engine::Compute, &cmds[i][k])
+                }
+                P::Full(i, k) => full_path(&mut rigs[i].d, Engine::Compute, &cmds[i][k]),
+            };
+            t.entry((*k, path.clone())).or_default().push(v);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut jrows = Vec::new();
+    for (k, name) in kernels.iter().enumerate() {
+        let (size, work, unit) = match k {
+            0 => (
+                format!("{} M elements", n_saxpy >> 20),
+                12.0 * f64::from(n_saxpy) / 1e9,
+                "GB/s",
+            ),
+            1 => (
+                format!("{} M elements", n_reduce >> 20),
+                4.0 * f64::from(n_reduce) / 1e9,
+                "GB/s",
+            ),
+            _ => (
+                format!("{mm}x{mm}x{mm}"),
+                2.0 * f64::from(mm).powi(3) / 1e9,
+                "GFLOP/s",
+            ),
+        };
+        let base = median(&t[&(k, "native host loop".to_string())]);
+        for ((k2, path), v) in &t {
+            if *k2 != k {
+                continue;
+            }
+            let m = median(v);
+            let ratio = base / m;
+            rows.push(vec![
+                format!("{name} {size}"),
+                path.clone(),
+                format!("{:.1}", m * 1e6),
+                format!("{:.2} {unit}", work / m),
+                format!("{ratio:.2}x"),
+            ]);
+            jrows.push(J::obj(vec![
+                ("kernel", (*name).into()),
+                ("size", size.clone().into()),
+                ("path", path.clone().into()),
+                ("median_us", (m * 1e6).into()),
+                ("rate", (work / m).into()),
+                ("unit", unit.into()),
+                ("ratio_vs_native", ratio.into()),
+                ("iterations", iters.into()),
+                ("identical", identical.into()),
+            ]));
+        }
+    }
+    table(
+        "(a2) Compute kernels through the compute engine vs the same loop natively on the host \
+         (same inputs; saxpy GB/s counts 12 bytes per element, reduce 4, matmul 2 flops per \
+         multiply-add; ratio = native median / path median; results bit-identical: yes)",
+        &["kernel", "path", "median us", "rate", "vs native"],
+        &rows,
+    );
+    out.push(("compute".into(), J::A(jrows)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1179,24 +1424,26 @@ fn bench_sched(o: &Opts, out: &mut Vec<(String, J)>) {
         );
     }
     // Equal-share: the same weights are ignored.
-    {
-        let params: Vec<SchedParams> = (0..8)
+    for n in [2usize, 8, 32, 64] {
+        let params: Vec<SchedParams> = (0..n)
             .map(|i| SchedParams {
                 weight: (i % 4) as u32 + 1,
                 ..Default::default()
             })
             .collect();
-        let targets = |u: f64| vec![u / 8.0; 8];
+        let targets = |u: f64| vec![u / n as f64; n];
         let r = share_run(Policy::EqualShare, &params, targets, t_batch, settle, dur);
         record(
-            "weights 1..4 ignored, 8 vGPUs".into(),
+            format!("weights 1..4 ignored, {n} vGPUs"),
             "equal-share",
             &params,
             r,
         );
     }
-    // Fixed-share: reserves and caps on top of weights.
-    {
+    // Fixed-share: reserves and caps on top of weights. With more than 8 vGPUs the pattern of 8
+    // repeats with reserves and caps scaled by 8/N (caps at least 1 %), so reserves stay at 60 %
+    // of the engine in total.
+    for n in [8usize, 32, 64] {
         let spec = [
             (1, 30, 100),
             (2, 0, 10),
@@ -1207,12 +1454,19 @@ fn bench_sched(o: &Opts, out: &mut Vec<(String, J)>) {
             (3, 10, 100),
             (4, 0, 100),
         ];
-        let params: Vec<SchedParams> = spec
-            .iter()
-            .map(|&(weight, reserve_pct, cap_pct)| SchedParams {
-                weight,
-                reserve_pct,
-                cap_pct,
+        let scale = |pct: u32| u32::try_from(pct as usize * 8 / n).expect("percentage");
+        let params: Vec<SchedParams> = (0..n)
+            .map(|i| {
+                let (weight, reserve_pct, cap_pct) = spec[i % 8];
+                SchedParams {
+                    weight,
+                    reserve_pct: scale(reserve_pct),
+                    cap_pct: if cap_pct == 100 {
+                        100
+                    } else {
+                        scale(cap_pct).max(1)
+                    },
+                }
             })
             .collect();
         let w: Vec<f64> = params.iter().map(|p| f64::from(p.weight)).collect();
@@ -1226,12 +1480,17 @@ fn bench_sched(o: &Opts, out: &mut Vec<(String, J)>) {
             .collect();
         let targets = |u: f64| water_fill(&w, &lo, &hi, u);
         let r = share_run(Policy::FixedShare, &params, targets, t_batch, settle, dur);
-        record(
-            "reserves 30/20/10 %, caps 10/5 %, 8 vGPUs".into(),
-            "fixed-share",
-            &params,
-            r,
-        );
+        let name = if n == 8 {
+            "reserves 30/20/10 %, caps 10/5 %, 8 vGPUs".to_string()
+        } else {
+            let (r0, r1, r2) = (scale(30), scale(20), scale(10));
+            let (c0, c1) = (scale(10).max(1), scale(5).max(1));
+            format!(
+                "reserves {r0}/{r1}/{r2} %, caps {c0}/{c1} % (x{}), {n} vGPUs",
+                n / 8
+            )
+        };
+        record(name, "fixed-share", &params, r);
     }
     table(
         &format!(
@@ -1550,6 +1809,9 @@ fn main() {
     ];
     if o.wants("blit") {
         bench_blit(&o, &mut out);
+    }
+    if o.wants("compute") {
+        bench_compute(&o, &mut out);
     }
     if o.wants("media") {
         bench_media(&o, &mut out);

@@ -12,7 +12,7 @@
 //! cycles are TSC cycles, converted to time with the TSC frequency KVM reports
 //! (`KVM_GET_TSC_KHZ`).
 //!
-//! `cargo bench -p vgpu-integration-tests --bench trap_path [-- --quick]`
+//! `cargo bench -p vgpu-integration-tests --bench trap_path [-- --quick] [--json PATH]`
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // Reporting arithmetic.
 
 use std::time::Duration;
@@ -24,14 +24,27 @@ use vgpu_vmm::config::GuestMode;
 use vgpu_vmm::{VgpuAttach, VmConfig};
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    if let Err(why) = vgpu_vmm::kvm_available() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let skip = |why: String| {
         println!("trap_path: SKIP: {why}");
-        return;
+        if let Some(path) = &json {
+            let j = serde_json::json!({ "skipped": true, "reason": why });
+            std::fs::write(path, j.to_string() + "\n").expect("write json");
+        }
+    };
+    if let Err(why) = vgpu_vmm::kvm_available() {
+        return skip(why);
     }
     if vgpu_vmm::guest::builtin().is_none() {
-        println!("trap_path: SKIP: the built-in guest was not built (rustup target add x86_64-unknown-none)");
-        return;
+        return skip(
+            "the built-in guest was not built (rustup target add x86_64-unknown-none)".into(),
+        );
     }
     let iters: u32 = if quick { 2_000 } else { 20_000 };
     let d = daemon(256);
@@ -104,6 +117,41 @@ fn main() {
     row("in-process vGPU, SCRATCH0 read", 4, 2);
     row("vfio-user vGPU (vgpud), SCRATCH0 write", 5, 1);
     row("vfio-user vGPU (vgpud), SCRATCH0 read", 6, 2);
+    if let Some(path) = &json {
+        let names = [
+            "loop",
+            "bare_write",
+            "bare_read",
+            "in_process_write",
+            "in_process_read",
+            "vfio_user_write",
+            "vfio_user_read",
+        ];
+        let series: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let bare = if i == 0 { 0 } else { 2 - i % 2 };
+                let net = per(i) - loop_only;
+                let v = serde_json::json!({
+                    "cycles": per(i),
+                    "us": per(i) / khz * 1000.0,
+                    "net_cycles": if i == 0 { 0.0 } else { net },
+                    "vs_bare_exit": if i == 0 { 1.0 } else { net / (per(bare) - loop_only) },
+                });
+                ((*n).to_string(), v)
+            })
+            .collect();
+        let j = serde_json::json!({
+            "skipped": false,
+            "mode": if quick { "quick" } else { "full" },
+            "accesses_per_series": iters,
+            "tsc_khz": b.tsc_khz,
+            "series": series,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&j).expect("json") + "\n")
+            .expect("write json");
+    }
     for i in 1..7 {
         assert!(
             per(i) > loop_only,

@@ -221,15 +221,21 @@ impl RunQueue {
     }
 
     /// How long `id` may run now: the slice, shortened under fixed-share so a slice never
-    /// carries a vGPU past its cap within the window.
-    pub fn budget(&self, id: u32, slice: Duration) -> Duration {
+    /// carries a vGPU past its cap (or, when it was picked for its reserve, past its reserve)
+    /// within the window.
+    pub fn budget(&self, id: u32, slice: Duration, why: Why) -> Duration {
         if self.policy != Policy::FixedShare {
             return slice;
         }
         let Some(e) = self.entries.iter().find(|e| e.id == id) else {
             return slice;
         };
-        let cap_ns = WINDOW.as_nanos() * u128::from(e.params.cap_pct) / 100;
+        // Picked to make up its reserve: run only up to the reserve; otherwise up to the cap.
+        let pct = match why {
+            Why::Reserve => e.params.reserve_pct,
+            Why::Fair => e.params.cap_pct,
+        };
+        let cap_ns = WINDOW.as_nanos() * u128::from(pct) / 100;
         let left = cap_ns.saturating_sub(u128::from(e.window_ns));
         slice.min(Duration::from_nanos(
             u64::try_from(left).unwrap_or(u64::MAX),
@@ -371,16 +377,44 @@ mod tests {
             },
         );
         let slice = Duration::from_millis(2);
-        assert_eq!(q.budget(0, slice), slice);
+        assert_eq!(q.budget(0, slice, Why::Fair), slice);
         q.charge(0, Duration::from_millis(4));
         assert_eq!(
-            q.budget(0, slice),
+            q.budget(0, slice, Why::Fair),
             Duration::from_millis(1),
             "5 ms cap in a 100 ms window"
         );
         q.charge(0, Duration::from_millis(1));
-        assert_eq!(q.budget(0, slice), Duration::ZERO);
+        assert_eq!(q.budget(0, slice, Why::Fair), Duration::ZERO);
         assert_eq!(q.pick(&[0]), None);
+    }
+
+    #[test]
+    fn test_fixed_share_reserve_pick_stops_at_reserve() {
+        let mut q = RunQueue {
+            policy: Policy::FixedShare,
+            ..Default::default()
+        };
+        q.add(
+            0,
+            SchedParams {
+                weight: 1,
+                reserve_pct: 3,
+                cap_pct: 100,
+            },
+        );
+        q.charge(0, Duration::from_millis(2));
+        let slice = Duration::from_millis(2);
+        assert_eq!(
+            q.budget(0, slice, Why::Reserve),
+            Duration::from_millis(1),
+            "3 ms reserve of 100 ms"
+        );
+        assert_eq!(
+            q.budget(0, slice, Why::Fair),
+            slice,
+            "a fair pick runs a whole slice"
+        );
     }
 
     #[test]

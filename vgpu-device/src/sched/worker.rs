@@ -104,9 +104,13 @@ pub(crate) fn run(inner: &Arc<Inner>, e: Engine) {
             let mut q = slot.lock();
             let mut busy: Vec<u32> = runnable.iter().chain(&waiting_only).copied().collect();
             busy.sort_unstable();
+            // A vGPU that wakes up starts level with the vGPUs that were already busy — not with
+            // others waking at the same moment, whose old virtual times would let the whole
+            // group starve the ones that kept running.
+            let before = std::mem::take(&mut q.busy);
             for id in &busy {
-                if q.busy.binary_search(id).is_err() {
-                    q.rq.wake(*id, &busy);
+                if before.binary_search(id).is_err() {
+                    q.rq.wake(*id, &before);
                 }
             }
             q.busy = busy;
@@ -140,7 +144,12 @@ pub(crate) fn run(inner: &Arc<Inner>, e: Engine) {
         };
         let Some((v, why, _)) = picked else { continue };
         let slice = Duration::from_nanos(inner.slice_ns.load(Ordering::Acquire));
-        let slice = slot.lock().rq.budget(v.id(), slice);
+        let pick_reason = if why == crate::sched::queue::Why::Reserve.name() {
+            crate::sched::queue::Why::Reserve
+        } else {
+            crate::sched::queue::Why::Fair
+        };
+        let slice = slot.lock().rq.budget(v.id(), slice, pick_reason);
         let t = inner.start.elapsed();
         let r = run_slice(&v, e, &mut tlb, slice);
         if r.commands > 0 {
