@@ -52,8 +52,9 @@ pub struct VgpuMigration<'a> {
     side: Side,
     id: Option<u32>,
     vgpu: Option<Arc<Mutex<Vgpu>>>,
-    /// xxh3 of every page as last sent (source, while dirty logging).
-    hashes: Vec<u64>,
+    /// xxh3 of every page as it was when last read for sending (source, while dirty logging).
+    /// Updated by `read_page`, so a page changed A -> B -> A after B was sent is still dirty.
+    hashes: std::cell::RefCell<Vec<u64>>,
     paused_by_us: bool,
 }
 
@@ -68,7 +69,7 @@ impl<'a> VgpuMigration<'a> {
             side: Side::Source,
             id: Some(id),
             vgpu: Some(vgpu),
-            hashes: Vec::new(),
+            hashes: std::cell::RefCell::new(Vec::new()),
             paused_by_us: false,
         })
     }
@@ -80,7 +81,7 @@ impl<'a> VgpuMigration<'a> {
             side: Side::Destination { name, gtt },
             id: None,
             vgpu: None,
-            hashes: Vec::new(),
+            hashes: std::cell::RefCell::new(Vec::new()),
             paused_by_us: false,
         }
     }
@@ -99,8 +100,10 @@ impl<'a> VgpuMigration<'a> {
     }
 
     fn hash_pages(&self) -> Result<Vec<u64>, MigrationError> {
-        let v = lock(self.vgpu()?);
-        let lmem = v.shared().lmem();
+        // Hash through the shared half, without the device lock: the guest's register traps
+        // (doorbells included) must not wait for a scan of the whole memory.
+        let shared = lock(self.vgpu()?).shared().clone();
+        let lmem = shared.lmem();
         let mut buf = vec![0u8; PAGE];
         (0..lmem.size() / PAGE_U64)
             .map(|i| {
@@ -165,13 +168,13 @@ impl Migratable for VgpuMigration<'_> {
 
     fn start_dirty_log(&mut self) -> Result<(), MigrationError> {
         lock(self.vgpu()?).shared().dirty.start_lmem();
-        self.hashes = self.hash_pages()?;
+        *self.hashes.borrow_mut() = self.hash_pages()?;
         Ok(())
     }
 
     fn stop_dirty_log(&mut self) -> Result<(), MigrationError> {
         lock(self.vgpu()?).shared().dirty.stop_lmem();
-        self.hashes = Vec::new();
+        self.hashes.borrow_mut().clear();
         Ok(())
     }
 
@@ -179,12 +182,13 @@ impl Migratable for VgpuMigration<'_> {
         let engine: Vec<u64> = lock(self.vgpu()?).shared().dirty.take_lmem();
         let now = self.hash_pages()?;
         let mut dirty: BTreeSet<u64> = engine.into_iter().collect();
-        for (i, (old, new)) in self.hashes.iter().zip(&now).enumerate() {
+        // Compare with the content last *sent* (recorded by `read_page`); the baseline moves
+        // only when a page is read again.
+        for (i, (old, new)) in self.hashes.borrow().iter().zip(&now).enumerate() {
             if old != new {
                 dirty.insert(i as u64);
             }
         }
-        self.hashes = now;
         Ok(dirty.into_iter().collect())
     }
 
@@ -196,7 +200,12 @@ impl Migratable for VgpuMigration<'_> {
             .shared()
             .lmem()
             .read(LmemOffset(off), buf)
-            .map_err(|e| err(e.to_string()))
+            .map_err(|e| err(e.to_string()))?;
+        let mut hashes = self.hashes.borrow_mut();
+        if let Some(h) = usize::try_from(index).ok().and_then(|i| hashes.get_mut(i)) {
+            *h = xxhash_rust::xxh3::xxh3_64(buf);
+        }
+        Ok(())
     }
 
     fn write_page(&mut self, index: u64, buf: &[u8]) -> Result<(), MigrationError> {
@@ -381,16 +390,34 @@ pub fn snapshot_to_file(
     let file_name = path
         .file_name()
         .ok_or_else(|| MigrateError::Endpoint(path.display().to_string()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+    // A temporary name of our own: concurrent snapshots to one path, and a stale file left by
+    // a killed daemon that had the same pid (a restarted container's PID 1), must not collide.
+    // Only a file this call created is ever removed.
+    static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let create_tmp = || -> std::io::Result<(std::path::PathBuf, std::fs::File)> {
+        let mut tries = 0;
+        loop {
+            let tmp = dir.join(format!(
+                ".{}.tmp-{}-{}",
+                file_name.to_string_lossy(),
+                std::process::id(),
+                TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(f) => return Ok((tmp, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 64 => {
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let (tmp, mut f) = create_tmp().map_err(io(format!("writing snapshot {}", path.display())))?;
+    let mut write = || -> std::io::Result<()> {
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -428,9 +455,23 @@ pub fn restore_from_file_with(
     resume: bool,
 ) -> Result<crate::model::VgpuInfo, MigrateError> {
     use std::io::Read as _;
-    let f =
-        std::fs::File::open(path).map_err(io(format!("opening snapshot {}", path.display())))?;
-    let len = f.metadata().map_err(io("reading snapshot size"))?.len();
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Non-blocking open: a FIFO without a writer would otherwise block the request forever.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io(format!("opening snapshot {}", path.display())))?;
+    let meta = f.metadata().map_err(io("reading snapshot size"))?;
+    if !meta.is_file() {
+        // A device or FIFO (e.g. /dev/zero) has no size to check: it would be read until
+        // `MAX_SNAPSHOT_BYTES`, gigabytes, before the decoder could refuse it.
+        return Err(MigrateError::Snapshot(err(format!(
+            "{} is not a regular file",
+            path.display()
+        ))));
+    }
+    let len = meta.len();
     if len > MAX_SNAPSHOT_BYTES {
         return Err(MigrateError::Snapshot(err(format!(
             "{len} bytes is larger than any vGPU snapshot"

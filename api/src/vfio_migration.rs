@@ -66,6 +66,9 @@ pub struct VfioMigration {
     input: Vec<u8>,
     /// Resuming: the device state arrived.
     restored: bool,
+    /// Resuming: the stream was rejected; nothing more is buffered or applied until the
+    /// client enters `RESUMING` again.
+    broken: bool,
     /// The state the last arc ended in.
     state: MigState,
 }
@@ -83,13 +86,14 @@ impl VfioMigration {
             final_done: false,
             input: Vec::new(),
             restored: false,
+            broken: false,
             state: MigState::Running,
         }
     }
 
     fn hash_all(&self) -> Result<Vec<u64>, BackendError> {
-        let v = lock(&self.vgpu);
-        let lmem = v.shared().lmem();
+        let shared = lock(&self.vgpu).shared().clone();
+        let lmem = shared.lmem();
         let mut buf = vec![0u8; PAGE];
         (0..lmem.size() / PAGE_U64)
             .map(|i| {
@@ -125,14 +129,23 @@ impl VfioMigration {
         Ok(pages.into_iter().collect())
     }
 
-    fn delta(&self, pages: &[u64]) -> Result<Snapshot, BackendError> {
-        let v = lock(&self.vgpu);
-        let lmem = v.shared().lmem();
+    /// The pages as they are now; their hash baseline becomes what is sent, so a page that
+    /// changes back to an older content after this read is still found dirty.
+    fn delta(&mut self, pages: &[u64]) -> Result<Snapshot, BackendError> {
+        let shared = lock(&self.vgpu).shared().clone();
+        let lmem = shared.lmem();
         let mut out = Vec::with_capacity(pages.len());
         for &i in pages {
             let mut b = vec![0u8; PAGE];
             lmem.read(LmemOffset(i * PAGE_U64), &mut b)
                 .map_err(|e| BackendError::Io(e.to_string()))?;
+            if let Some(h) = self
+                .hashes
+                .as_mut()
+                .and_then(|h| h.get_mut(usize::try_from(i).ok()?))
+            {
+                *h = xxhash_rust::xxh3::xxh3_64(&b);
+            }
             out.push((i, b));
         }
         Snapshot::with_state("lmem.delta", &Delta { pages: out })
@@ -156,6 +169,7 @@ impl VfioMigration {
         self.final_done = false;
         self.input.clear();
         self.restored = false;
+        self.broken = false;
         self.state = MigState::Running;
         (self.pause)(false);
     }
@@ -190,8 +204,12 @@ impl VfioMigration {
             (Stop, Resuming) => {
                 self.input.clear();
                 self.restored = false;
+                self.broken = false;
             }
             (Resuming, Stop) => {
+                if self.broken {
+                    return Err(invalid("the migration stream was rejected"));
+                }
                 if !self.input.is_empty() || !self.restored {
                     return Err(invalid(
                         "migration stream ended before the device state was complete",
@@ -250,8 +268,24 @@ impl VfioMigration {
         Ok(data)
     }
 
-    /// `MIG_DATA_WRITE` in `Resuming`.
+    /// `MIG_DATA_WRITE` in `Resuming`. After a refusal the stream is broken: later writes are
+    /// refused without being buffered (a client that kept writing after an oversized header
+    /// used to grow the input buffer without bound), and leaving `RESUMING` fails.
     pub fn write(&mut self, data: &[u8]) -> Result<(), BackendError> {
+        if self.broken {
+            return Err(invalid(
+                "the migration stream was rejected; enter RESUMING again to restart",
+            ));
+        }
+        let r = self.take(data);
+        if r.is_err() {
+            self.broken = true;
+            self.input = Vec::new();
+        }
+        r
+    }
+
+    fn take(&mut self, data: &[u8]) -> Result<(), BackendError> {
         self.input.extend_from_slice(data);
         loop {
             if self.input.len() < ENVELOPE_HEADER {
@@ -303,5 +337,61 @@ impl VfioMigration {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vgpu_device::phys::{profile, PhysGpu, PhysGpuConfig};
+    use vgpu_device::vgpu::VgpuConfig;
+
+    use super::*;
+
+    fn migration() -> VfioMigration {
+        let mut gpu = PhysGpu::new(PhysGpuConfig {
+            lmem_size: 64 << 20,
+            max_vgpus: 4,
+        })
+        .unwrap();
+        let part = gpu.create_partition(profile("mini").unwrap()).unwrap();
+        let vgpu = Vgpu::new(part, &VgpuConfig::default()).unwrap();
+        VfioMigration::new(Arc::new(Mutex::new(vgpu)), Arc::new(|_| {}))
+    }
+
+    #[test]
+    fn test_write_after_oversized_header_refused_without_buffering() {
+        let mut m = migration();
+        m.transition(MigState::Running, MigState::Stop).unwrap();
+        m.transition(MigState::Stop, MigState::Resuming).unwrap();
+        let mut head = vgpu_migration::MAGIC.to_vec();
+        head.extend_from_slice(&vgpu_migration::FORMAT_VERSION.to_le_bytes());
+        head.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(m.write(&head).is_err());
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            assert!(m.write(&chunk).is_err(), "a broken stream takes more data");
+            assert!(m.input.capacity() <= MAX_ENVELOPE, "input buffer grows");
+        }
+        assert!(m.input.is_empty());
+        assert!(
+            m.transition(MigState::Resuming, MigState::Stop).is_err(),
+            "a rejected stream leaves RESUMING"
+        );
+        // Entering RESUMING again starts a fresh stream.
+        m.transition(MigState::Stop, MigState::Resuming).unwrap();
+        assert!(m.write(&[0u8; 4]).is_ok());
+    }
+
+    #[test]
+    fn test_garbage_envelope_then_valid_data_still_refused() {
+        let mut m = migration();
+        m.transition(MigState::Running, MigState::Stop).unwrap();
+        m.transition(MigState::Stop, MigState::Resuming).unwrap();
+        let mut bad = vgpu_migration::encode(&Snapshot::new("x")).unwrap();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(m.write(&bad).is_err(), "checksum");
+        let good = vgpu_migration::encode(&Snapshot::new("vgpu.precopy")).unwrap();
+        assert!(m.write(&good).is_err());
     }
 }

@@ -333,3 +333,42 @@ fn test_idle_vgpu_migration_converges_in_one_round() {
     );
     assert_eq!(report.precopy_rounds, 1);
 }
+
+#[test]
+fn test_page_changed_back_after_being_sent_is_still_dirty() {
+    // A page goes A -> B (B is sent) -> A: the destination holds B, so the page must be dirty
+    // again. The hash baseline is what was last sent, not what was last hashed.
+    use vgpu_migration::Migratable;
+    let src = daemon(256);
+    let info = src.create(&spec(GttMode::Shadow, "aba")).unwrap();
+    let vgpu = src.vgpu(info.id).unwrap();
+    let write = |b: u8| {
+        vgpu.lock()
+            .unwrap()
+            .bar2_write(5 * PAGE_SIZE, &[b; PAGE_SIZE as usize]);
+    };
+    write(0xA);
+    let mut m = vgpu_api::migrate::VgpuMigration::source(&src, info.id).unwrap();
+    m.start_dirty_log().unwrap();
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    // Round 1 reads every page; the guest writes B just before page 5 is read...
+    for p in 0..m.memory_size() / PAGE_SIZE {
+        if p == 5 {
+            write(0xB);
+        }
+        m.read_page(p, &mut buf).unwrap();
+        if p == 5 {
+            assert_eq!(buf[0], 0xB, "B was sent");
+        }
+    }
+    // ...and A again before the next scan: same hash as when dirty logging started.
+    write(0xA);
+    assert_eq!(
+        m.dirty_pages().unwrap(),
+        vec![5],
+        "back to A after B was sent: dirty"
+    );
+    m.read_page(5, &mut buf).unwrap();
+    assert!(m.dirty_pages().unwrap().is_empty(), "sent again: clean");
+    m.stop_dirty_log().unwrap();
+}
