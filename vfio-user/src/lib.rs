@@ -8,15 +8,16 @@
 //! Hypervisor does so on restore) gets the same device.
 //!
 //! ```no_run
-//! # use std::sync::{Arc, Mutex};
-//! # fn device() -> Arc<Mutex<dyn vgpu_vfio_user::Backend>> { unimplemented!() }
-//! use vgpu_vfio_user::Server;
+//! use std::sync::{Arc, Mutex};
+//! use vgpu_vfio_user::{Backend, Server};
 //!
-//! let server = Server::start("/run/vgpu/0.sock", device())?;
+//! fn serve(device: Arc<Mutex<dyn Backend>>) -> Result<(), vgpu_vfio_user::Error> {
+//! let server = Server::start("/run/vgpu/0.sock", device)?;
 //! let dma = server.dma(); // reads/writes client memory for the device
 //! // …
 //! server.shutdown();
-//! # Ok::<(), vgpu_vfio_user::Error>(())
+//! Ok(())
+//! }
 //! ```
 //!
 //! The backend is shared as `Arc<Mutex<dyn Backend>>` and locked once per command. One client
