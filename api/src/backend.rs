@@ -237,7 +237,12 @@ impl Backend for VgpuBackend {
                     );
                 }
             }
-            VFIO_IRQ_SET_ACTION_TRIGGER => self.irq.set_fds(start, fds),
+            VFIO_IRQ_SET_ACTION_TRIGGER => {
+                for f in fds.iter().flatten() {
+                    crate::irq::check_eventfd(f).map_err(BackendError::Invalid)?;
+                }
+                self.irq.set_fds(start, fds);
+            }
             VFIO_IRQ_SET_ACTION_MASK => self.irq.set_masked(start, count, true),
             VFIO_IRQ_SET_ACTION_UNMASK => self.irq.set_masked(start, count, false),
             _ => return Err(BackendError::Invalid(format!("IRQ action {action:#x}"))),

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// Errors of snapshot trees.
@@ -33,7 +33,10 @@ pub const MAX_CHILDREN: usize = 256;
 pub const MAX_DEPTH: usize = 8;
 
 /// One node: a component's serialized state and its children.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Deserializing checks [`MAX_DEPTH`] and [`MAX_CHILDREN`] while it descends, so a hostile
+/// payload nesting nodes millions deep is rejected instead of overflowing the stack.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     /// Component id.
     pub id: String,
@@ -114,6 +117,95 @@ impl Snapshot {
     }
 }
 
+const FIELDS: &[&str] = &["id", "state", "children"];
+
+impl<'de> Deserialize<'de> for Snapshot {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        NodeSeed { depth: 0 }.deserialize(d)
+    }
+}
+
+/// Deserializes one node at `depth` (the root is 0).
+#[derive(Clone, Copy)]
+struct NodeSeed {
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for NodeSeed {
+    type Value = Snapshot;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Snapshot, D::Error> {
+        if self.depth > MAX_DEPTH {
+            return Err(serde::de::Error::custom("snapshot tree too deep"));
+        }
+        d.deserialize_struct("Snapshot", FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for NodeSeed {
+    type Value = Snapshot;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a snapshot node")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Snapshot, A::Error> {
+        let missing = |i| serde::de::Error::invalid_length(i, &"3 fields");
+        let id = seq.next_element()?.ok_or_else(|| missing(0))?;
+        let state = seq.next_element()?.ok_or_else(|| missing(1))?;
+        let children = seq
+            .next_element_seed(ChildrenSeed(self.depth + 1))?
+            .ok_or_else(|| missing(2))?;
+        Ok(Snapshot {
+            id,
+            state,
+            children,
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Snapshot, A::Error> {
+        let mut node = Snapshot::default();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "id" => node.id = map.next_value()?,
+                "state" => node.state = map.next_value()?,
+                "children" => node.children = map.next_value_seed(ChildrenSeed(self.depth + 1))?,
+                other => return Err(serde::de::Error::unknown_field(other, FIELDS)),
+            }
+        }
+        Ok(node)
+    }
+}
+
+/// Deserializes the children of a node; they sit at depth `.0`.
+struct ChildrenSeed(usize);
+
+impl<'de> DeserializeSeed<'de> for ChildrenSeed {
+    type Value = BTreeMap<String, Snapshot>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ChildrenSeed {
+    type Value = BTreeMap<String, Snapshot>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a map of snapshot nodes")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut children = BTreeMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if children.len() == MAX_CHILDREN {
+                return Err(serde::de::Error::custom(
+                    "snapshot node has too many children",
+                ));
+            }
+            let child = map.next_value_seed(NodeSeed { depth: self.0 })?;
+            children.insert(key, child);
+        }
+        Ok(children)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +231,47 @@ mod tests {
             s = p;
         }
         assert!(s.check_bounds().is_err());
+    }
+
+    /// Payload bytes (postcard) of a chain of nodes `depth` deep: id "", no state, one child.
+    fn chain(depth: usize) -> Vec<u8> {
+        let mut p = Vec::with_capacity(depth * 4 + 3);
+        for _ in 0..depth {
+            p.extend_from_slice(&[0, 0, 1, 0]);
+        }
+        p.extend_from_slice(&[0, 0, 0]);
+        p
+    }
+
+    #[test]
+    fn test_snapshot_decode_million_levels_deep_rejected_without_stack_overflow() {
+        // Before the bounded deserializer this aborted the process (stack overflow), e.g. a
+        // vfio-user client's MIG_DATA_WRITE into a RESUMING vGPU killing vgpud.
+        let r = postcard::from_bytes::<Snapshot>(&chain(1_000_000));
+        assert!(r.is_err(), "a tree deeper than MAX_DEPTH decodes");
+        let ok: Snapshot = postcard::from_bytes(&chain(MAX_DEPTH)).unwrap();
+        assert!(ok.check_bounds().is_ok());
+        assert!(postcard::from_bytes::<Snapshot>(&chain(MAX_DEPTH + 1)).is_err());
+    }
+
+    #[test]
+    fn test_snapshot_decode_too_many_children_rejected() {
+        let mut wide = Snapshot::new("root");
+        for i in 0..=MAX_CHILDREN {
+            wide.add(Snapshot::new(i.to_string()));
+        }
+        let bytes = postcard::to_stdvec(&wide).unwrap();
+        assert!(postcard::from_bytes::<Snapshot>(&bytes).is_err());
+        wide.children.pop_first();
+        let bytes = postcard::to_stdvec(&wide).unwrap();
+        assert_eq!(postcard::from_bytes::<Snapshot>(&bytes).unwrap(), wide);
+    }
+
+    #[test]
+    fn test_snapshot_json_roundtrip_with_bounded_deserializer() {
+        let mut root = Snapshot::new("vgpu");
+        root.add(Snapshot::with_state("regs", &vec![1u32, 2]).unwrap());
+        let json = serde_json::to_string(&root).unwrap();
+        assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), root);
     }
 }

@@ -64,7 +64,16 @@ impl AuditLog {
 
     /// Records a violation on `engine` of vGPU `vgpu`.
     pub fn record(&self, vgpu: u32, engine: Engine, v: &Violation) {
-        let seq = self.total.fetch_add(1, Ordering::AcqRel) + 1;
+        // The total may come from a snapshot (untrusted): saturate instead of overflowing,
+        // which panicked the thread that recorded the event (an engine or a vfio-user
+        // connection) in builds with overflow checks, and wrapped the numbering otherwise.
+        let prev = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                Some(t.saturating_add(1))
+            })
+            .unwrap_or(u64::MAX);
+        let seq = prev.saturating_add(1);
         let time_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -129,5 +138,22 @@ mod tests {
         assert_eq!(ev.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
         assert_eq!(log.since(4, 10).len(), 1);
         assert_eq!(ev[0].reason, "bad_length");
+    }
+
+    #[test]
+    fn test_audit_record_at_restored_maximum_total_saturates_without_panic() {
+        let log = AuditLog::new(3);
+        log.set_total(u64::MAX - 1);
+        let v = Violation {
+            addr: 0,
+            header: 0,
+            reason: AuditReason::BadRing,
+            detail: String::new(),
+        };
+        log.record(1, Engine::Blit, &v);
+        log.record(1, Engine::Blit, &v);
+        assert_eq!(log.total(), u64::MAX);
+        let seqs: Vec<u64> = log.since(0, 10).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![u64::MAX, u64::MAX]);
     }
 }

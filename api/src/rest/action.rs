@@ -277,9 +277,18 @@ fn migrate_error(e: MigrateError) -> ApiError {
         MigrateError::Io { source, .. } => {
             use std::io::ErrorKind as K;
             match source.kind() {
-                K::NotFound | K::NotADirectory | K::IsADirectory | K::InvalidInput => {
-                    ApiError::invalid("invalid_value", msg)
-                }
+                // A path the daemon cannot use is the request's fault, not the daemon's.
+                K::NotFound
+                | K::NotADirectory
+                | K::IsADirectory
+                | K::InvalidInput
+                | K::PermissionDenied
+                | K::ReadOnlyFilesystem => ApiError::invalid("invalid_value", msg),
+                K::StorageFull | K::QuotaExceeded | K::FileTooLarge => ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    format!("{msg} (any previous file at that path is intact)"),
+                ),
                 _ => {
                     tracing::error!(error = %msg, "snapshot I/O failed");
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", msg)
