@@ -286,12 +286,20 @@ fn test_snapshot_file_restore_on_other_daemon_continues_bit_identical() {
         assert!(dst.list().is_empty());
         let _ = std::fs::remove_file(p);
     }
-    let restored =
-        restore_from_file(&dst, &path, Some("vm".into()), Some(GttMode::Shadow)).unwrap();
+    // Restored paused: its queued work reads guest RAM, which only exists once the VM is back.
+    let restored = vgpu_api::migrate::restore_from_file_with(
+        &dst,
+        &path,
+        Some("vm".into()),
+        Some(GttMode::Shadow),
+        false,
+    )
+    .unwrap();
     let _ = std::fs::remove_file(&path);
     // The VM reconnects with its RAM; GGTT entries into guest RAM were restored before the
     // VMM mapped it, and get their translations now.
     let mut d = Driver::probe(Vmm::attach_ram(&restored.socket, ram)).unwrap();
+    dst.scheduler().resume(restored.id).unwrap();
     d.adopt_rings();
     for i in STEPS / 2..STEPS {
         step(&mut d, i);
