@@ -10,7 +10,8 @@
 //!   `restore_from_file` vs `std::fs::read` of a file of that size (both files cache-warm),
 //!   with the parts (save, envelope encode/decode, restore) timed separately.
 //!
-//! `cargo bench -p vgpu-integration-tests --bench migration [-- --quick] [--json PATH]`
+//! `cargo bench -p vgpu-integration-tests --bench migration [-- [--quick] [--json PATH] [migrate] [scan] [snapshot]]`
+//! (sections: all unless some are named; `--quick`: a `small` 64 MiB vGPU and fewer repetitions).
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // Reporting arithmetic.
 
 use std::io::{Read, Write};
@@ -298,9 +299,6 @@ fn migrate_once(
             &Endpoint::Unix(sock.clone()),
             &SourceConfig::default(),
             &mut |p| {
-                if std::env::var_os("MIG_DEBUG").is_some() {
-                    eprintln!("{:?} {} {}", p.phase, p.bytes_sent, p.elapsed_us);
-                }
                 if p.phase == (Phase::PreCopy { round: 1 })
                     && p.pages_remaining > 0
                     && t_first.is_none()
