@@ -38,12 +38,20 @@ enum Side {
     /// Migrating an existing vGPU away.
     Source,
     /// Receiving: the vGPU is created when the source's compatibility record arrives.
-    Destination {
-        /// Name for the new vGPU.
-        name: Option<String>,
-        /// GTT mode for the new vGPU (default: the source's).
-        gtt: Option<GttMode>,
-    },
+    Destination(ReceiveSpec),
+}
+
+/// How a destination creates the vGPU it receives.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveSpec {
+    /// Name for the new vGPU.
+    pub name: Option<String>,
+    /// GTT mode for the new vGPU (default: the source's).
+    pub gtt: Option<GttMode>,
+    /// Leave the received vGPU's engines paused at the commit: work it had queued may read
+    /// guest RAM, which exists only once the VM has reconnected. The caller resumes it
+    /// (`Scheduler::resume`, `POST /api/v1/vgpus/{id}/resume`) after that.
+    pub paused: bool,
 }
 
 /// A vGPU of `daemon` as a live-migration component.
@@ -74,11 +82,12 @@ impl<'a> VgpuMigration<'a> {
         })
     }
 
-    /// The destination side: creates a vGPU named `name` when the migration is accepted.
-    pub fn destination(daemon: &'a Daemon, name: Option<String>, gtt: Option<GttMode>) -> Self {
+    /// The destination side: creates the vGPU `incoming` describes when the migration is
+    /// accepted.
+    pub fn destination(daemon: &'a Daemon, incoming: ReceiveSpec) -> Self {
         VgpuMigration {
             daemon,
-            side: Side::Destination { name, gtt },
+            side: Side::Destination(incoming),
             id: None,
             vgpu: None,
             hashes: std::cell::RefCell::new(Vec::new()),
@@ -133,7 +142,7 @@ impl Pausable for VgpuMigration<'_> {
         let resume = match self.side {
             // The source resumes only what it paused itself.
             Side::Source => std::mem::take(&mut self.paused_by_us),
-            Side::Destination { .. } => true,
+            Side::Destination(ref incoming) => !incoming.paused,
         };
         if resume {
             self.daemon
@@ -236,7 +245,7 @@ impl LiveMigratable for VgpuMigration<'_> {
     }
 
     fn accept_compat(&mut self, compat: &[u8], memory_size: u64) -> Result<(), MigrationError> {
-        let Side::Destination { name, gtt } = &self.side else {
+        let Side::Destination(ReceiveSpec { name, gtt, .. }) = &self.side else {
             return Err(err("not a destination"));
         };
         let header: VgpuHeader =
@@ -263,7 +272,13 @@ impl LiveMigratable for VgpuMigration<'_> {
             .daemon
             .vgpu(info.id)
             .ok_or_else(|| err("vGPU vanished"))?;
-        if let Err(e) = lock(&vgpu).check_compatible(&header) {
+        // Nothing runs on the destination before the commit; `resume` starts it then (or
+        // leaves it paused, as `ReceiveSpec::paused` asks).
+        let paused = self.daemon.scheduler().pause(info.id);
+        if let Err(e) = paused
+            .map_err(|e| err(e.to_string()))
+            .and_then(|()| lock(&vgpu).check_compatible(&header))
+        {
             let _ = self.daemon.destroy(info.id);
             return Err(e);
         }
@@ -277,7 +292,7 @@ impl LiveMigratable for VgpuMigration<'_> {
     }
 
     fn abort(&mut self) {
-        if let (Side::Destination { .. }, Some(id)) = (&self.side, self.id.take()) {
+        if let (Side::Destination(_), Some(id)) = (&self.side, self.id.take()) {
             self.vgpu = None;
             if let Err(e) = self.daemon.destroy(id) {
                 tracing::error!(id, error = %e, "cannot free the aborted migration's vGPU");
@@ -596,12 +611,11 @@ impl Listener {
         })
     }
 
-    /// Accepts one migration and receives it into a new vGPU named `name`.
+    /// Accepts one migration and receives it into a new vGPU as `incoming` says.
     pub fn receive(
         &self,
         daemon: &Daemon,
-        name: Option<String>,
-        gtt: Option<GttMode>,
+        incoming: ReceiveSpec,
     ) -> Result<(crate::model::VgpuInfo, vgpu_migration::DestinationReport), MigrateError> {
         let stream = match self {
             Listener::Unix(l, _) => {
@@ -618,7 +632,7 @@ impl Listener {
                 Stream::Tcp(s)
             }
         };
-        let mut c = VgpuMigration::destination(daemon, name, gtt);
+        let mut c = VgpuMigration::destination(daemon, incoming);
         let report =
             vgpu_migration::receive(&mut c, stream, vgpu_migration::DestinationConfig::default())
                 .map_err(MigrateError::Destination)?;

@@ -21,7 +21,7 @@ use vgpu_migration::{
 
 use super::error::{chain, ApiError};
 use crate::daemon::{check_name, Daemon};
-use crate::migrate::{migrate_to, Endpoint, Listener, MigrateError, VgpuMigration};
+use crate::migrate::{migrate_to, Endpoint, Listener, MigrateError, ReceiveSpec, VgpuMigration};
 use crate::model::{
     ErrorBody, IncomingProgress, IncomingRequest, MigrateRequest, MigrationDirection,
     MigrationInfo, MigrationPhase, MigrationProgress, MigrationReportInfo, MigrationState,
@@ -342,10 +342,8 @@ impl Migrations {
                 error: None,
             }));
             let (d, st, c) = (daemon.clone(), status.clone(), cancel.clone());
-            let job = Incoming {
-                name,
-                gtt,
-                paused,
+            let job = IncomingJob {
+                incoming: ReceiveSpec { name, gtt, paused },
                 cancel: c,
             };
             let thread = std::thread::Builder::new()
@@ -455,17 +453,15 @@ fn run_outgoing(
 }
 
 /// What an incoming migration was asked for.
-struct Incoming {
-    name: Option<String>,
-    gtt: Option<GttMode>,
-    paused: bool,
+struct IncomingJob {
+    incoming: ReceiveSpec,
     cancel: CancelToken,
 }
 
 fn run_incoming(
     daemon: &Daemon,
     listener: Listener,
-    job: &Incoming,
+    job: &IncomingJob,
     status: &Mutex<MigrationInfo>,
 ) {
     let stream = match listener.accept_cancellable(&job.cancel, ACCEPT_POLL) {
@@ -496,11 +492,10 @@ fn run_incoming(
     }
     let mut c = Observed {
         daemon,
-        inner: VgpuMigration::destination(daemon, job.name.clone(), job.gtt),
+        inner: VgpuMigration::destination(daemon, job.incoming.clone()),
         status,
         start,
         pages: 0,
-        paused: job.paused,
     };
     let cfg = DestinationConfig {
         cancel: job.cancel.clone(),
@@ -520,15 +515,13 @@ fn run_incoming(
     finish(status, result);
 }
 
-/// The destination vGPU component with its progress published into the migration's status,
-/// and the final resume withheld when the vGPU is to stay paused.
+/// The destination vGPU component with its progress published into the migration's status.
 struct Observed<'a> {
     daemon: &'a Daemon,
     inner: VgpuMigration<'a>,
     status: &'a Mutex<MigrationInfo>,
     start: Instant,
     pages: u64,
-    paused: bool,
 }
 
 impl Observed<'_> {
@@ -557,12 +550,7 @@ impl Pausable for Observed<'_> {
 
     fn resume(&mut self) -> Result<(), MigrationError> {
         self.phase(MigrationPhase::Commit);
-        // The vGPU was created paused; leaving it so is all "paused" takes.
-        let r = if self.paused {
-            Ok(())
-        } else {
-            self.inner.resume()
-        };
+        let r = self.inner.resume();
         self.phase(MigrationPhase::Completed);
         r
     }

@@ -24,7 +24,7 @@ use vgpu_abi::cmd::{enc, BPP_32, ROP_PATCOPY, ROP_SRCCOPY};
 use vgpu_abi::Engine;
 use vgpu_api::daemon::{Daemon, VgpuSpec};
 use vgpu_api::migrate::{
-    migrate_to, restore_from_file, snapshot_to_file, Endpoint, Listener, VgpuMigration,
+    migrate_to, restore_from_file, snapshot_to_file, Endpoint, Listener, ReceiveSpec, VgpuMigration,
 };
 use vgpu_device::driver::Driver;
 use vgpu_device::vgpu::GttMode;
@@ -289,7 +289,15 @@ fn migrate_once(
             let st = guest(&mut d, rate, cfg, &flags);
             (d, st)
         });
-        let receiver = s.spawn(|| listener.receive(dst, Some("mig".into()), None));
+        let receiver = s.spawn(|| {
+            listener.receive(
+                dst,
+                ReceiveSpec {
+                    name: Some("mig".into()),
+                    ..ReceiveSpec::default()
+                },
+            )
+        });
         // Let the guest settle into its rate, and measure its submissions undisturbed.
         std::thread::sleep(Duration::from_millis(300));
         flags.migrating.store(true, Ordering::Release);

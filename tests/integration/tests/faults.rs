@@ -28,7 +28,9 @@ use vgpu_abi::pci::GGTT_OFFSET;
 use vgpu_abi::{regs, Engine, PAGE_SIZE};
 use vgpu_api::client::{Client, Method};
 use vgpu_api::daemon::Daemon;
-use vgpu_api::migrate::{migrate_to, snapshot_to_file, Endpoint, Listener, MigrateError};
+use vgpu_api::migrate::{
+    migrate_to, snapshot_to_file, Endpoint, Listener, MigrateError, ReceiveSpec,
+};
 use vgpu_api::rest::{ApiConfig, ApiHandle};
 use vgpu_device::driver::{ring_lmem_offset, Driver, Locked};
 use vgpu_device::vgpu::persist::VgpuHeader;
@@ -363,7 +365,17 @@ fn migrate_through_proxy(
     let listener = Listener::bind(&Endpoint::Unix(dpath.clone())).unwrap();
     let receiver = {
         let dst = dst.clone();
-        std::thread::spawn(move || listener.receive(&dst, Some("vm".into()), None).is_ok())
+        std::thread::spawn(move || {
+            listener
+                .receive(
+                    &dst,
+                    ReceiveSpec {
+                        name: Some("vm".into()),
+                        ..ReceiveSpec::default()
+                    },
+                )
+                .is_ok()
+        })
     };
     let p = proxy(UnixListener::bind(&ppath).unwrap(), dpath, cut_s2d, cut_d2s);
     let r = migrate_to(

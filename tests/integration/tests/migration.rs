@@ -11,7 +11,9 @@ use vgpu_abi::cmd::{enc, BPP_32, ROP_PATCOPY, ROP_SRCCOPY};
 use vgpu_abi::gtt::pte_guest;
 use vgpu_abi::{regs, Engine, PAGE_SIZE};
 use vgpu_api::daemon::VgpuSpec;
-use vgpu_api::migrate::{migrate_to, restore_from_file, snapshot_to_file, Endpoint, Listener};
+use vgpu_api::migrate::{
+    migrate_to, restore_from_file, snapshot_to_file, Endpoint, Listener, ReceiveSpec,
+};
 use vgpu_device::driver::Driver;
 use vgpu_device::vgpu::GttMode;
 use vgpu_integration_tests::*;
@@ -133,7 +135,14 @@ fn test_live_migration_while_workload_runs_gives_bit_identical_output() {
     let listener = Listener::bind(&Endpoint::Unix(sock.clone())).unwrap();
     let receiver = {
         let dst = dst.clone();
-        std::thread::spawn(move || listener.receive(&dst, Some("vm".into()), Some(GttMode::TwoDim)))
+        // Received paused: work queued at the stop-and-copy reads guest RAM, which exists on
+        // the destination only once the VM has reconnected.
+        let incoming = ReceiveSpec {
+            name: Some("vm".into()),
+            gtt: Some(GttMode::TwoDim),
+            paused: true,
+        };
+        std::thread::spawn(move || listener.receive(&dst, incoming))
     };
     let mut phases = Vec::new();
     let report = migrate_to(
@@ -165,7 +174,10 @@ fn test_live_migration_while_workload_runs_gives_bit_identical_output() {
         src.scheduler().is_paused(info.id),
         "source stays paused after handing over"
     );
-    assert!(!dst.scheduler().is_paused(moved.id), "destination resumed");
+    assert!(
+        dst.scheduler().is_paused(moved.id),
+        "destination left paused as asked"
+    );
 
     // The VM reconnects to the destination (as Cloud Hypervisor does after a restore) with the
     // same guest RAM, and finishes the workload there.
@@ -176,6 +188,7 @@ fn test_live_migration_while_workload_runs_gives_bit_identical_output() {
         d.replace_device(Vmm::attach_ram(&moved.socket, ram))
             .detach(),
     );
+    dst.scheduler().resume(moved.id).unwrap();
     for i in stopped..STEPS {
         step(&mut d, i);
     }
@@ -225,7 +238,7 @@ fn test_migration_to_failing_destination_leaves_source_running() {
     let dst = Arc::new(dst);
     let receiver = {
         let dst = dst.clone();
-        std::thread::spawn(move || l2.receive(&dst, None, None))
+        std::thread::spawn(move || l2.receive(&dst, ReceiveSpec::default()))
     };
     let e = migrate_to(
         &src,
@@ -323,7 +336,7 @@ fn test_idle_vgpu_migration_converges_in_one_round() {
     let listener = Listener::bind(&Endpoint::Unix(sock.clone())).unwrap();
     let receiver = {
         let dst = dst.clone();
-        std::thread::spawn(move || listener.receive(&dst, None, None))
+        std::thread::spawn(move || listener.receive(&dst, ReceiveSpec::default()))
     };
     let report = migrate_to(
         &src,
@@ -333,7 +346,11 @@ fn test_idle_vgpu_migration_converges_in_one_round() {
         &mut |_| {},
     )
     .unwrap();
-    receiver.join().unwrap().unwrap();
+    let (moved, _) = receiver.join().unwrap().unwrap();
+    assert!(
+        !dst.scheduler().is_paused(moved.id),
+        "destination runs after the commit unless asked to stay paused"
+    );
     assert_eq!(
         report.stop_reason,
         vgpu_migration::StopReason::Converged,
