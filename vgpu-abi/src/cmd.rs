@@ -251,6 +251,9 @@ pub enum AuditReason {
     WrongEngine = 11,
     /// The watchdog found the context running or waiting too long and reset it.
     Watchdog = 12,
+    /// The device failed internally while executing this context's work (a host-side defect,
+    /// not a guest error) and reset the context; other contexts and vGPUs are unaffected.
+    DeviceFault = 13,
 }
 
 impl AuditReason {
@@ -270,6 +273,7 @@ impl AuditReason {
             10 => ReadOnlyWrite,
             11 => WrongEngine,
             12 => Watchdog,
+            13 => DeviceFault,
             _ => return None,
         })
     }
@@ -290,6 +294,7 @@ impl AuditReason {
             ReadOnlyWrite => "read_only_write",
             WrongEngine => "wrong_engine",
             Watchdog => "watchdog",
+            DeviceFault => "device_fault",
         }
     }
 }
@@ -563,10 +568,10 @@ mod tests {
 
     #[test]
     fn test_audit_reason_codes_roundtrip() {
-        for c in 1..=12 {
+        for c in 1..=13 {
             assert_eq!(AuditReason::from_code(c).unwrap() as u32, c);
         }
         assert!(AuditReason::from_code(0).is_none());
-        assert!(AuditReason::from_code(13).is_none());
+        assert!(AuditReason::from_code(14).is_none());
     }
 }

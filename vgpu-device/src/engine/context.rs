@@ -100,8 +100,9 @@ pub enum ResetKind {
     Full,
     /// `RESET_CTL` engine reset: keeps `ACTHD` and `LAST_FENCE`.
     Engine,
-    /// Watchdog: like an engine reset but the error state reports `Watchdog`.
-    Watchdog,
+    /// After an error the device itself detected (watchdog, device fault): like an engine
+    /// reset, but the error state set just before is kept for the driver to read.
+    KeepError,
 }
 
 /// Counters of one engine context.
@@ -167,6 +168,8 @@ pub struct EngineContext {
     shadow: Mutex<Option<Arc<PpgttShadow>>>,
     /// Ring offset where the last accepted submission ended.
     submitted: AtomicU32,
+    /// Fault injection: the next submission this context executes fails inside the engine.
+    injected_fault: AtomicBool,
     /// Counters.
     pub stats: EngineStats,
 }
@@ -191,8 +194,24 @@ impl EngineContext {
             scan_surface: Mutex::new(None),
             shadow: Mutex::new(None),
             submitted: AtomicU32::new(0),
+            injected_fault: AtomicBool::new(false),
             stats: EngineStats::default(),
         }
+    }
+
+    /// Fault injection for tests: the next submission this context executes makes the engine
+    /// fail (panic) in the middle of executing it, as a defect in the device model would. The
+    /// scheduler contains that to this context (audit reason `DeviceFault`).
+    #[doc(hidden)]
+    pub fn inject_device_fault(&self) {
+        self.injected_fault.store(true, Ordering::Release);
+    }
+
+    /// Whether a fault was injected; clears it.
+    pub(crate) fn take_injected_fault(&self) -> bool {
+        // A plain load first: no write to a shared cache line on every submission.
+        self.injected_fault.load(Ordering::Relaxed)
+            && self.injected_fault.swap(false, Ordering::AcqRel)
     }
 
     /// The engine.
@@ -362,7 +381,7 @@ impl EngineContext {
             self.acthd.store(0, Ordering::Release);
             self.last_fence.store(0, Ordering::Release);
         }
-        if kind == ResetKind::Watchdog {
+        if kind == ResetKind::KeepError {
             self.update_status(&st);
         } else {
             self.error_code.store(0, Ordering::Release);

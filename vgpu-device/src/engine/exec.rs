@@ -141,6 +141,9 @@ pub fn run_slice(
             ctx.ppgtt_generation(),
             shared.ggtt.generation(),
         ));
+        if ctx.take_injected_fault() {
+            panic!("fault injected into vGPU {} {}", shared.id(), engine.name());
+        }
         // A PPGTT shadow that went stale since the scan (`TLB_INVALIDATE`, a `PPGTT_ROOT` write,
         // a DMA-map change) is not used: the engine translates again (sections 7.4 and 7.5).
         let shadow = sub

@@ -1,6 +1,7 @@
 //! The worker thread of one physical engine: picks a context, runs a slice, accounts it,
 //! and watches for hung contexts.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use vgpu_abi::Engine;
 
 use crate::audit::Violation;
 use crate::engine::context::ResetKind;
-use crate::engine::exec::{run_slice, SliceEnd};
+use crate::engine::exec::{run_slice, SliceEnd, SliceResult};
 use crate::engine::translate::Tlb;
 use crate::sched::trace::TraceEvent;
 use crate::sched::Inner;
@@ -21,23 +22,53 @@ const POLL: Duration = Duration::from_micros(200);
 /// Longest sleep of an idle worker (watchdog sweeps and window accounting still happen).
 const IDLE_SLEEP: Duration = Duration::from_millis(20);
 
-/// Resets a hung context: error state with `Watchdog`, ring disabled, work dropped, audit
-/// event, `intr_reset`.
-pub(crate) fn watchdog_reset(v: &VgpuShared, e: Engine, waited: Duration) {
+/// Resets a context the device itself gave up on (`Watchdog`, `DeviceFault`): error state,
+/// ring disabled, work dropped, audit event, `intr_reset`.
+pub(crate) fn error_reset(v: &VgpuShared, e: Engine, reason: AuditReason, detail: String) {
     let ctx = v.engine(e);
     let viol = Violation {
         addr: ctx.acthd(),
         header: 0,
-        reason: AuditReason::Watchdog,
-        detail: format!("context hung for {} ms", waited.as_millis()),
+        reason,
+        detail,
     };
     {
         let mut st = ctx.state();
-        ctx.set_error(&mut st, AuditReason::Watchdog, 0, ctx.acthd(), true);
+        ctx.set_error(&mut st, reason, 0, ctx.acthd(), true);
     }
-    ctx.reset(ResetKind::Watchdog);
+    ctx.reset(ResetKind::KeepError);
     v.audit.record(v.id(), e, &viol);
     v.intr.raise(vgpu_abi::regs::intr_reset(e));
+}
+
+/// Runs one slice with a failure of the device model (a panic: a host defect) contained to the
+/// context that ran: it is reset with `DeviceFault`, the TLB is dropped, and the engine goes on
+/// serving everyone else. Without this, one bad command would stop the engine for every vGPU.
+fn run_slice_contained(v: &VgpuShared, e: Engine, tlb: &mut Tlb, slice: Duration) -> SliceResult {
+    let t0 = Instant::now();
+    match std::panic::catch_unwind(AssertUnwindSafe(|| run_slice(v, e, tlb, slice))) {
+        Ok(r) => r,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(vgpu = v.id(), engine = e.name(), %what, "device fault, context reset");
+            *tlb = Tlb::default();
+            error_reset(
+                v,
+                e,
+                AuditReason::DeviceFault,
+                format!("device fault: {what}"),
+            );
+            SliceResult {
+                end: SliceEnd::Faulted,
+                commands: 0,
+                busy: t0.elapsed(),
+            }
+        }
+    }
 }
 
 fn end_name(end: SliceEnd) -> &'static str {
@@ -90,7 +121,8 @@ pub(crate) fn run(inner: &Arc<Inner>, e: Engine) {
             drop(q);
             for (v, waited) in hung {
                 tracing::warn!(vgpu = v.id(), engine = e.name(), "watchdog reset");
-                watchdog_reset(&v, e, waited);
+                let detail = format!("context hung for {} ms", waited.as_millis());
+                error_reset(&v, e, AuditReason::Watchdog, detail);
                 inner.trace.push(TraceEvent {
                     t_us: micros(inner.start.elapsed()),
                     engine: e.name().into(),
@@ -151,7 +183,7 @@ pub(crate) fn run(inner: &Arc<Inner>, e: Engine) {
         };
         let slice = slot.lock().rq.budget(v.id(), slice, pick_reason);
         let t = inner.start.elapsed();
-        let r = run_slice(&v, e, &mut tlb, slice);
+        let r = run_slice_contained(&v, e, &mut tlb, slice);
         if r.commands > 0 {
             v.engine(e).stats.slices.observe(r.busy);
         }
