@@ -4,29 +4,19 @@
 //! as root): refused with 507 while the previous snapshot survives intact.
 #![allow(clippy::cast_possible_truncation)] // Test arithmetic on small known values.
 
+mod common;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{temp_dir, vgpuctl, vgpuctl_ok};
 use vfio_bindings::bindings::vfio::{VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX};
 use vfio_user::Client;
 use vgpu_abi::regs;
 
 const T: Duration = Duration::from_secs(30);
-
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "vgpud-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A `vgpud` child process with its sockets in `dir`.
 struct Vgpud {
@@ -87,22 +77,13 @@ impl Vgpud {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vgpuctl"))
-            .arg("--socket")
-            .arg(self.dir.join("api.sock"))
-            .args(args)
+        vgpuctl(&self.dir.join("api.sock"), &self.dir, args)
             .output()
             .unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "vgpuctl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        vgpuctl_ok(&self.dir.join("api.sock"), &self.dir, args).0
     }
 
     fn kill(mut self) {

@@ -2,12 +2,14 @@
 //! temporary directory), and the API's TCP listener with its bearer token.
 #![allow(clippy::cast_possible_truncation)] // Test arithmetic on small known values.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{temp_dir, vgpuctl, vgpuctl_ok};
 use vgpu_abi::cmd::enc;
 use vgpu_abi::{regs, Engine};
 use vgpu_api::client::{Client, ClientError, Endpoint};
@@ -21,17 +23,6 @@ struct Env {
     daemon: Arc<Daemon>,
     api: Option<ApiHandle>,
     dir: PathBuf,
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "vgpuctl-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 impl Env {
@@ -65,22 +56,11 @@ impl Env {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vgpuctl"))
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .output()
-            .unwrap()
+        vgpuctl(self.socket(), &self.dir, args).output().unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "vgpuctl {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        vgpuctl_ok(self.socket(), &self.dir, args).0
     }
 }
 

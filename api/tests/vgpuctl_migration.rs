@@ -1,12 +1,14 @@
 //! `vgpuctl snapshot`, `restore`, `receive`, `migrate` and `migrations` against two in-process
 //! vgpuds (daemon + REST API on unix sockets in temporary directories).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{temp_dir, vgpuctl, vgpuctl_ok};
 use vgpu_api::client::Client;
 use vgpu_api::daemon::{Daemon, DaemonConfig};
 use vgpu_api::model::MigrationState;
@@ -19,17 +21,6 @@ struct Env {
     daemon: Arc<Daemon>,
     api: Option<ApiHandle>,
     dir: PathBuf,
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "vgpuctl-mig-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 impl Env {
@@ -59,12 +50,7 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_vgpuctl"));
-        c.arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .current_dir(&self.dir);
-        c
+        vgpuctl(self.socket(), &self.dir, args)
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
@@ -72,10 +58,7 @@ impl Env {
     }
 
     fn ok(&self, args: &[&str]) -> (String, String) {
-        let o = self.ctl(args);
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(o.status.success(), "vgpuctl {args:?} failed: {err}");
-        (String::from_utf8(o.stdout).unwrap(), err)
+        vgpuctl_ok(self.socket(), &self.dir, args)
     }
 
     fn fails(&self, args: &[&str], needle: &str) {
