@@ -270,6 +270,74 @@ fn test_matmul_chunk_boundaries_match_reference() {
     }
 }
 
+/// Small exact-ish f32 values from random bytes (sums stay finite and vary in their rounding).
+fn small_f32s(seed: u64) -> Vec<u8> {
+    random_bytes(seed, MEM)
+        .chunks(4)
+        .flat_map(|c| (f32::from(c[0]) / 16.0 - 8.0 + f32::from(c[1]) / 4096.0).to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn test_matmul_tiles_and_register_blocks_match_reference() {
+    // Several tiles in each dimension, partial register blocks, more rows of B than one packed
+    // strip, N above the tile width; unaligned buffers straddling scattered pages. Inputs are
+    // small values, then raw random bits (NaNs, infinities, subnormals).
+    for (params, bufs) in [
+        ([13, 300, 20], [3, 20_001, 50_002]),
+        ([5, 3, 1100], [1, 4093, 30_002]),
+        ([70, 40, 9], [4094, 20_003, 30_001]),
+        ([300, 2, 60], [0, 8190, 10_001]),
+        ([3, 900, 20], [5, 12_002, 90_003]),
+        ([9, 17, 1031], [0, 1001, 80_000]),
+        ([33, 513, 16], [7, 70_001, 110_002]),
+    ] {
+        for (i, init) in [small_f32s(3), random_bytes(5, MEM)]
+            .into_iter()
+            .enumerate()
+        {
+            let d = enc::Dispatch {
+                kernel: cmd::KERNEL_MATMUL,
+                params,
+                scalar: 0.0,
+                buffers: bufs,
+            };
+            let got = run(&[&enc::dispatch(d)], &init);
+            let mut want = init.clone();
+            reference::dispatch(&mut want, &d);
+            assert!(got == want, "matmul {params:?} inputs {i}");
+        }
+    }
+}
+
+#[test]
+fn test_saxpy_and_reduce_at_page_offsets_match_reference() {
+    // Every page offset class of the staging (aligned, unaligned by 1-3 bytes, a few elements
+    // or a partial element before a page boundary), over several scattered pages.
+    let offsets = [0u64, 1, 2, 3, 4, 100, 4090, 4092, 4093, 4095];
+    let init = small_f32s(9);
+    for (&xo, &yo) in offsets.iter().zip(offsets.iter().rev()) {
+        for (kernel, bufs) in [
+            (cmd::KERNEL_SAXPY, [xo, 40_960 + yo, 0]),
+            (cmd::KERNEL_SAXPY, [xo, xo, 0]),
+            (cmd::KERNEL_REDUCE_SUM, [xo, 0, 90_000 + yo]),
+        ] {
+            for n in [1, 1023, 1024, 1025, 5000] {
+                let d = enc::Dispatch {
+                    kernel,
+                    params: [n, 0, 0],
+                    scalar: -1.25,
+                    buffers: bufs,
+                };
+                let got = run(&[&enc::dispatch(d)], &init);
+                let mut want = init.clone();
+                reference::dispatch(&mut want, &d);
+                assert!(got == want, "kernel {kernel} {bufs:?} n {n}");
+            }
+        }
+    }
+}
+
 #[test]
 fn test_matmul_k_zero_stores_zeros_and_reduce_empty_stores_zero() {
     let init = vec![0xAB; MEM];
