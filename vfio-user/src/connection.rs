@@ -5,9 +5,14 @@
 //! on the same socket, and the thread waiting for one may hold a lock the connection thread
 //! needs (or be the connection thread itself, inside a backend method). So reading is a role,
 //! not a thread: whoever needs the next message and finds nobody reading becomes the reader
-//! for one message. Replies go to their waiters; commands read by a waiting requester are
-//! queued for the connection thread, which executes queued commands before reading more. No
-//! thread ever waits for the backend while it is the reader.
+//! for one message, and borrows the connection's read buffer ([`FrameReader`]) for that time.
+//! Replies go to their waiters; commands read by a waiting requester are queued for the
+//! connection thread, which executes queued commands before reading more. No thread ever waits
+//! for the backend while it is the reader.
+//!
+//! The hot path (one small command, one reply) costs two system calls: one `recvmsg` brings the
+//! whole request, one `sendmsg` carries the whole reply; the read-state condition variable is
+//! signalled only when a thread waits on it.
 //!
 //! When the connection ends, the client's DMA mappings are dropped (the backend is told with
 //! `dma_unmap`), DMA logging is stopped, and [`crate::Backend::disconnected`] is called; the
@@ -26,11 +31,11 @@ use std::time::{Duration, Instant};
 
 use crate::dma::{DmaMap, DmaRwLayout};
 use crate::error::{Error, Reject};
-use crate::message::{self, read_message, FrameError, Message};
+use crate::message::{self, FrameError, FrameReader, Message};
 use crate::server::Shared;
 use crate::stats::{bump, Stats};
 use crate::version::{self, Negotiated};
-use crate::wire::{command, Header, TYPE_COMMAND, TYPE_REPLY};
+use crate::wire::{command, Header, HEADER_SIZE, TYPE_COMMAND, TYPE_REPLY};
 use crate::{access, device, dma, migration};
 
 /// Commands a waiting requester may read ahead of the connection thread (bounds memory held
@@ -84,8 +89,13 @@ struct Pending {
 /// Who reads the socket, and what was read for the connection thread.
 #[derive(Debug, Default)]
 struct ReadState {
-    /// A thread is reading a message now.
+    /// A thread is reading a message now (it has taken `frames`).
     reading: bool,
+    /// The socket's read buffer and framing state, lent to the reader while it reads.
+    frames: FrameReader,
+    /// Threads waiting on `read_cv` (it is notified only when some are: a notification is a
+    /// system call even when nobody waits).
+    waiting: usize,
     /// Commands read by requesters, oldest first.
     queue: VecDeque<Message>,
     /// The connection is over (EOF, framing error, socket error, or closed by the server).
@@ -162,10 +172,18 @@ impl Link {
         self.read.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends one whole message.
-    pub fn send(&self, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    /// Sends one message (`header` with its `message_size` filled in, then `payload`) with one
+    /// `sendmsg`.
+    pub fn send(&self, header: Header, payload: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
         let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        message::send_all(&writer, bytes, fds)
+        message::send_message(&writer, header, payload, fds)
+    }
+
+    /// Wakes the threads waiting on `read_cv`, if any.
+    fn notify_readers(&self, st: &ReadState) {
+        if st.waiting > 0 {
+            self.read_cv.notify_all();
+        }
     }
 
     /// Files a message just read (under the read-state lock): replies go to their waiters,
@@ -212,19 +230,23 @@ impl Link {
                 return None;
             }
             if st.reading {
+                st.waiting += 1;
                 st = self
                     .read_cv
                     .wait(st)
                     .unwrap_or_else(PoisonError::into_inner);
+                st.waiting -= 1;
                 continue;
             }
             st.reading = true;
+            let mut frames = std::mem::take(&mut st.frames);
             drop(st);
-            let res = read_message(&self.reader, self.max_message);
+            let res = frames.read(&self.reader, self.max_message);
             st = self.read_state();
+            st.frames = frames;
             st.reading = false;
             let cmd = self.absorb(&mut st, res);
-            self.read_cv.notify_all();
+            self.notify_readers(&st);
             if cmd.is_some() {
                 return cmd;
             }
@@ -258,7 +280,7 @@ impl Link {
             flags: TYPE_COMMAND,
             error: 0,
         };
-        if let Err(e) = self.send(&message::build(header, payload), &[]) {
+        if let Err(e) = self.send(header, payload, &[]) {
             self.pending().waiters.remove(&id);
             return Err(Error::Send(e));
         }
@@ -286,28 +308,30 @@ impl Link {
             if st.reading || st.queue.len() >= MAX_QUEUED {
                 // Someone else reads (and will route our reply), or the connection thread
                 // must drain its queue first.
+                st.waiting += 1;
                 st = self
                     .read_cv
                     .wait_timeout(st, deadline - now)
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
+                st.waiting -= 1;
                 continue;
             }
             st.reading = true;
+            let mut frames = std::mem::take(&mut st.frames);
             drop(st);
-            let res = if readable(&self.reader, deadline - now) {
-                Some(read_message(&self.reader, self.max_message))
-            } else {
-                None
-            };
+            // Waits for the socket only until the deadline; a partial message stays buffered
+            // for the next reader.
+            let res = frames.read_until(&self.reader, self.max_message, deadline);
             st = self.read_state();
+            st.frames = frames;
             st.reading = false;
-            if let Some(res) = res {
+            if let Some(res) = res.transpose() {
                 if let Some(cmd) = self.absorb(&mut st, res) {
                     st.queue.push_back(cmd);
                 }
             }
-            self.read_cv.notify_all();
+            self.notify_readers(&st);
         }
     }
 
@@ -322,19 +346,6 @@ impl Link {
         self.read_state().closed = true;
         self.read_cv.notify_all();
     }
-}
-
-/// Whether `stream` becomes readable (or hung up) within `timeout`.
-fn readable(stream: &UnixStream, timeout: Duration) -> bool {
-    let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
-    let mut pfd = [libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    // SAFETY: `pfd` is a valid array of one pollfd for the duration of the call.
-    let n = unsafe { libc::poll(pfd.as_mut_ptr(), 1, ms) };
-    n > 0
 }
 
 /// Serves one accepted connection until it ends, then cleans up after it.
@@ -420,10 +431,11 @@ impl Session<'_> {
     fn handle(&mut self, msg: Message) {
         let Message {
             header,
-            payload,
+            frame,
             fds,
             excess_fds,
         } = msg;
+        let payload = frame.get(HEADER_SIZE..).unwrap_or_default();
         // Descriptors a command does not take are closed before its reply goes out.
         let total_fds = fds.len() + excess_fds;
         let result = match (self.negotiated, header.msg_type(), header.command) {
@@ -441,7 +453,7 @@ impl Session<'_> {
                     link: self.link,
                     negotiated,
                 };
-                dispatch(&ctx, cmd, &payload, fds)
+                dispatch(&ctx, cmd, payload, fds)
             }
             (negotiated, msg_type, cmd) => {
                 if !fds.is_empty() {
@@ -451,18 +463,15 @@ impl Session<'_> {
                 if msg_type != TYPE_COMMAND {
                     Err(Reject::inval(format!("message type {msg_type}")))
                 } else if cmd == command::VERSION {
-                    self.version(&payload)
+                    self.version(payload)
                 } else {
                     debug_assert!(negotiated.is_none());
                     Err(Reject::inval("the first message must be VERSION"))
                 }
             }
         };
-        let (bytes, fds) = match result {
-            Ok(Some(resp)) => {
-                let bytes = message::build(message::reply_header(&header), &resp.payload);
-                (bytes, resp.fds)
-            }
+        let (reply, resp) = match result {
+            Ok(Some(resp)) => (message::reply_header(&header), resp),
             Ok(None) => return,
             Err(reject) => {
                 if bump(&self.shared.stats.errors, 1) {
@@ -473,14 +482,17 @@ impl Session<'_> {
                         reject.reason
                     );
                 }
-                (message::error_reply(&header, reject.errno), Vec::new())
+                (
+                    message::error_header(&header, reject.errno),
+                    Response::empty(),
+                )
             }
         };
         if header.no_reply() {
             return;
         }
-        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        if let Err(e) = self.link.send(&bytes, &raw) {
+        let raw: Vec<RawFd> = resp.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        if let Err(e) = self.link.send(reply, &resp.payload, &raw) {
             tracing::debug!("Cannot reply to the client: {e}");
             let _ = self.stream.shutdown(std::net::Shutdown::Both);
         }

@@ -410,16 +410,16 @@ fn read_msg(link: &Link, iova: u64, buf: &mut [u8]) -> Result<(), Error> {
         if reply.header.flags & FLAG_ERROR != 0 {
             return Err(Error::DmaRejected(reply.header.error));
         }
-        let echo: DmaAccess = read_struct(&reply.payload).ok_or(Error::DmaBadReply)?;
+        let echo: DmaAccess = read_struct(reply.payload()).ok_or(Error::DmaBadReply)?;
         // QEMU's layout carries a 32-bit count; compare what both layouts agree on.
         if echo.address != addr
             || echo.count & 0xffff_ffff != count
-            || reply.payload.len() != 16 + chunk.len()
+            || reply.payload().len() != 16 + chunk.len()
         {
             return Err(Error::DmaBadReply);
         }
         let data = reply
-            .payload
+            .payload()
             .get(data_off..data_off + chunk.len())
             .ok_or(Error::DmaBadReply)?;
         chunk.copy_from_slice(data);
@@ -446,7 +446,7 @@ fn write_msg(link: &Link, iova: u64, data: &[u8]) -> Result<(), Error> {
         if reply.header.flags & FLAG_ERROR != 0 {
             return Err(Error::DmaRejected(reply.header.error));
         }
-        let echo_addr: u64 = read_struct(&reply.payload).ok_or(Error::DmaBadReply)?;
+        let echo_addr: u64 = read_struct(reply.payload()).ok_or(Error::DmaBadReply)?;
         if echo_addr != addr {
             return Err(Error::DmaBadReply);
         }

@@ -334,6 +334,70 @@ fn test_unknown_commands_consumed_then_connection_works() {
 }
 
 #[test]
+fn test_pipelined_messages_each_answered_in_order_with_own_fds() {
+    let fx = Fixture::new();
+    let mut r = fx.raw();
+    // Three commands in one write, an unknown one (with a payload to skip) first; then, without
+    // waiting, a SET_IRQS with two eventfds and a read in separate sends. The server may get
+    // all of it in one read: every message is still framed on its own, and the descriptors go
+    // with SET_IRQS.
+    let bytes = [
+        Raw::frame(0x10, 99, 0, &[0x42; 300]),
+        Raw::frame(
+            0x11,
+            REGION_WRITE,
+            0,
+            &B::new().u64(0x20).u32(0).u32(4).bytes(&[1, 2, 3, 4]).done(),
+        ),
+        Raw::frame(
+            0x12,
+            REGION_READ,
+            0,
+            &B::new().u64(0x20).u32(0).u32(4).done(),
+        ),
+    ]
+    .concat();
+    r.send_bytes(&bytes);
+    let efds: Vec<std::fs::File> = (0..2).map(|_| eventfd()).collect();
+    let raw: Vec<RawFd> = efds.iter().map(AsRawFd::as_raw_fd).collect();
+    let msix = VFIO_PCI_MSIX_IRQ_INDEX;
+    let irqs = r.send(
+        SET_IRQS,
+        0,
+        &set_irqs_payload(EVENTFD_TRIGGER, msix, 0, 2),
+        &raw,
+    );
+    let cfg = r.send(
+        REGION_READ,
+        0,
+        &B::new()
+            .u64(0)
+            .u32(VFIO_PCI_CONFIG_REGION_INDEX)
+            .u32(4)
+            .done(),
+        &[],
+    );
+    let replies: Vec<Msg> = (0..5).map(|_| r.recv()).collect();
+    let ids: Vec<u16> = replies.iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec![0x10, 0x11, 0x12, irqs, cfg]);
+    assert!(replies[0].is_error());
+    assert_eq!(replies[0].error, libc::ENOTSUP as u32);
+    assert_eq!(&replies[2].payload[16..], &[1, 2, 3, 4]);
+    assert!(!replies[3].is_error(), "SET_IRQS got its descriptors");
+    assert_eq!(u32_at(&replies[4].payload, 16), 0x1234_1af4);
+    assert!(fx.calls().contains(&Call::SetIrqs {
+        index: msix,
+        action: VFIO_IRQ_SET_ACTION_TRIGGER,
+        start: 0,
+        count: 2,
+        fds: vec![true, true],
+    }));
+    assert!(fx.backend().trigger(1));
+    assert_eq!(wait_event(&efds[1]), 1);
+    assert_eq!(fx.server().stats().stray_fds, 0);
+}
+
+#[test]
 fn test_truncated_header_closes_only_that_connection() {
     let fx = Fixture::new();
     let mut r = fx.raw();
@@ -825,6 +889,59 @@ fn test_dma_handle_times_out_and_not_connected() {
     ));
     assert!(!r.read(0, 0, 4).is_error());
     assert_eq!(fx.server().stats().unexpected_replies, 1);
+}
+
+#[test]
+fn test_dma_request_not_held_past_timeout_by_partial_message() {
+    let fx = Fixture::with(
+        TestBackend::new(),
+        ServerConfig {
+            dma_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+    );
+    let mut r = Raw::connect(fx.path());
+    r.version(0, 0, None);
+    assert!(!r
+        .cmd(DMA_MAP, &dma_map_payload(3, 0, 0x10000, 0x1000))
+        .is_error());
+    assert!(!r
+        .write(0, BAR0_DMA_ADDR, &0x10000u64.to_ne_bytes())
+        .is_error());
+    // The doorbell makes the connection thread request a DMA_READ and read the socket itself
+    // while it waits for the reply; the client answers with half a message instead.
+    let bell = r.send(
+        REGION_WRITE,
+        0,
+        &B::new().u64(BAR0_DOORBELL).u32(0).u32(4).u32(1).done(),
+        &[],
+    );
+    assert_eq!(r.recv().command, DMA_READ);
+    let next = Raw::frame(
+        0x55,
+        REGION_READ,
+        0,
+        &B::new()
+            .u64(0)
+            .u32(VFIO_PCI_CONFIG_REGION_INDEX)
+            .u32(4)
+            .done(),
+    );
+    r.send_bytes(&next[..10]);
+    // The request times out (the doorbell write is answered as a failed access) instead of
+    // waiting for the rest of that message...
+    let t0 = Instant::now();
+    let reply = r.recv();
+    assert_eq!(reply.id, bell);
+    assert!(!reply.is_error());
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(fx.server().stats().bad_accesses, 1);
+    // ...and the half message was kept: its rest completes it.
+    r.send_bytes(&next[10..]);
+    let reply = r.recv();
+    assert_eq!(reply.id, 0x55);
+    assert_eq!(u32_at(&reply.payload, 16), 0x1234_1af4);
+    assert_eq!(fx.server().stats().framing_errors, 0);
 }
 
 #[test]
