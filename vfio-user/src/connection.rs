@@ -224,6 +224,8 @@ impl Link {
         let mut st = self.read_state();
         loop {
             if let Some(msg) = st.queue.pop_front() {
+                // A requester may wait for room in the queue to read on.
+                self.notify_readers(&st);
                 return Some(msg);
             }
             if st.closed {
