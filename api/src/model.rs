@@ -721,6 +721,9 @@ pub enum StopReasonName {
     Converged,
     /// The round limit was reached with the prediction above the target.
     RoundLimit,
+    /// Overhead, dirty scan and device state alone exceeded the target; pre-copy stopped once
+    /// the dirty pages fitted besides them.
+    FloorAboveTarget,
 }
 
 impl From<vgpu_migration::StopReason> for StopReasonName {
@@ -728,6 +731,7 @@ impl From<vgpu_migration::StopReason> for StopReasonName {
         match r {
             vgpu_migration::StopReason::Converged => StopReasonName::Converged,
             vgpu_migration::StopReason::RoundLimit => StopReasonName::RoundLimit,
+            vgpu_migration::StopReason::FloorAboveTarget => StopReasonName::FloorAboveTarget,
         }
     }
 }
@@ -747,6 +751,10 @@ pub struct RoundInfo {
     pub duration_us: u64,
     /// Pages dirty at the end of the round (0 for the stop-and-copy round).
     pub dirty_after: u64,
+    /// Time of the dirty-page scan that ended the round, microseconds; for the stop-and-copy
+    /// round, the scan after the pause (part of `downtime_breakdown.pause_us`).
+    #[serde(default)]
+    pub scan_us: u64,
     /// Downtime predicted at the end of the round, microseconds (0 for the stop-and-copy round).
     pub predicted_downtime_us: u64,
 }
@@ -823,6 +831,7 @@ impl From<&vgpu_migration::MigrationReport> for MigrationReportInfo {
                     bytes: x.bytes,
                     duration_us: x.duration_us,
                     dirty_after: x.dirty_after,
+                    scan_us: x.scan_us,
                     predicted_downtime_us: x.predicted_downtime_us,
                 })
                 .collect(),

@@ -38,7 +38,16 @@ const PAGES_PER_ENVELOPE: usize = (MAX_ENVELOPE - 64 * 1024) / (PAGE + 16);
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Delta {
-    pages: Vec<(u64, Vec<u8>)>,
+    pages: Vec<DeltaPage>,
+}
+
+/// One local-memory page. Encoded as postcard encodes the tuple `(u64, Vec<u8>)` it replaced
+/// (a struct is its fields in order), but the bytes go through serde in one piece.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DeltaPage {
+    index: u64,
+    #[serde(with = "vgpu_migration::bytes")]
+    data: Vec<u8>,
 }
 
 fn invalid(msg: impl Into<String>) -> BackendError {
@@ -146,7 +155,7 @@ impl VfioMigration {
             {
                 *h = xxhash_rust::xxh3::xxh3_64(&b);
             }
-            out.push((i, b));
+            out.push(DeltaPage { index: i, data: b });
         }
         Snapshot::with_state("lmem.delta", &Delta { pages: out })
             .map_err(|e| BackendError::Io(e.to_string()))
@@ -324,15 +333,15 @@ impl VfioMigration {
         if let Ok(delta) = snap.child("lmem.delta") {
             let d: Delta = delta.state().map_err(|e| invalid(e.to_string()))?;
             let pages = v.shared().lmem().size() / PAGE_U64;
-            if d.pages.iter().any(|(i, b)| *i >= pages || b.len() != PAGE) {
+            if d.pages.iter().any(|p| p.index >= pages || p.data.len() != PAGE) {
                 return Err(invalid(
                     "local-memory page out of range or of the wrong size",
                 ));
             }
-            for (i, b) in &d.pages {
+            for p in &d.pages {
                 v.shared()
                     .lmem()
-                    .write(LmemOffset(i * PAGE_U64), b)
+                    .write(LmemOffset(p.index * PAGE_U64), &p.data)
                     .map_err(|e| BackendError::Io(e.to_string()))?;
             }
         }
@@ -356,6 +365,37 @@ mod tests {
         let part = gpu.create_partition(profile("mini").unwrap()).unwrap();
         let vgpu = Vgpu::new(part, &VgpuConfig::default()).unwrap();
         VfioMigration::new(Arc::new(Mutex::new(vgpu)), Arc::new(|_| {}))
+    }
+
+    #[test]
+    fn test_delta_page_encoding_same_as_tuple_it_replaced() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct OldDelta {
+            pages: Vec<(u64, Vec<u8>)>,
+        }
+        let data: Vec<u8> = (0..PAGE).map(|i| (i * 7 % 251) as u8).collect();
+        let old = postcard::to_stdvec(&OldDelta {
+            pages: vec![(3, data.clone()), (900, vec![0; PAGE])],
+        })
+        .unwrap();
+        let new = postcard::to_stdvec(&Delta {
+            pages: vec![
+                DeltaPage {
+                    index: 3,
+                    data: data.clone(),
+                },
+                DeltaPage {
+                    index: 900,
+                    data: vec![0; PAGE],
+                },
+            ],
+        })
+        .unwrap();
+        assert_eq!(old, new);
+        let back: Delta = postcard::from_bytes(&old).unwrap();
+        assert_eq!(back.pages[0].index, 3);
+        assert_eq!(back.pages[0].data, data);
+        assert_eq!(back.pages[1].index, 900);
     }
 
     #[test]

@@ -4,12 +4,13 @@
 //!   Hypervisor's `vm-migration`, with no default that silently saves nothing).
 //! - [`Snapshot`]: a tree of component states keyed by id.
 //! - [`envelope`]: the on-disk / on-wire framing: magic, format version, payload, checksum.
-//!   Restores treat every byte as untrusted.
+//!   Restores treat every byte as untrusted. [`bytes`]: byte vectors as serde byte strings.
 //! - Live migration between two daemons, generic over a [`LiveMigratable`] component:
 //!   [`source::migrate`] and [`destination::Incoming`] run the two ends of the versioned
 //!   [`protocol`] over any byte stream ([`transport`]); [`convergence`] decides when pre-copy
 //!   stops. `docs/migration.md` documents the state machines.
 
+pub mod bytes;
 pub mod convergence;
 pub mod destination;
 pub mod envelope;
@@ -20,7 +21,7 @@ pub mod source;
 pub mod transport;
 
 pub use destination::{receive, DestinationConfig, DestinationError, Incoming};
-pub use envelope::{decode, encode, EnvelopeError, FORMAT_VERSION, MAGIC};
+pub use envelope::{decode, encode, encode_to, EnvelopeError, FORMAT_VERSION, MAGIC};
 pub use protocol::{Hello, ProtocolError, PAGE_SIZE, PROTOCOL_VERSION};
 pub use report::{
     CancelToken, DestinationReport, DowntimeBreakdown, MigrationReport, Phase, Progress,

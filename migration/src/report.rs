@@ -103,6 +103,10 @@ pub struct RoundReport {
     pub duration_us: u64,
     /// Pages found dirty at the end of the round (0 for the stop-and-copy round).
     pub dirty_after: u64,
+    /// Time of the `dirty_pages()` call that ended the round; for the stop-and-copy round, the
+    /// one after the pause (part of `DowntimeBreakdown::pause_us`). The prediction includes the
+    /// latest pre-copy scan.
+    pub scan_us: u64,
     /// Downtime predicted at the end of the round (0 for the stop-and-copy round).
     pub predicted_downtime_us: u64,
 }
@@ -147,7 +151,7 @@ pub struct MigrationReport {
 /// The parts of the measured downtime, in microseconds, in order.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DowntimeBreakdown {
-    /// `pause()` and the last `dirty_pages()`.
+    /// `pause()` and the last `dirty_pages()` (that scan alone: the last round's `scan_us`).
     pub pause_us: u64,
     /// Sending the last dirty pages.
     pub final_pages_us: u64,

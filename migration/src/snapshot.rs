@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use crate::bytes::ByteBuf;
+
 /// Errors of snapshot trees.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -40,7 +42,9 @@ pub const MAX_DEPTH: usize = 8;
 pub struct Snapshot {
     /// Component id.
     pub id: String,
-    /// The component's own state (postcard-encoded), if any.
+    /// The component's own state (postcard-encoded), if any. A byte string on the wire (the
+    /// same postcard bytes as a sequence of `u8`, copied at once rather than byte by byte).
+    #[serde(with = "crate::bytes::option")]
     pub state: Option<Vec<u8>>,
     /// Sub-components by id.
     pub children: BTreeMap<String, Snapshot>,
@@ -73,6 +77,27 @@ impl Snapshot {
         })
     }
 
+    /// [`Snapshot::with_state`] serialized into a buffer of `capacity` bytes: a large state
+    /// whose size is known (or bounded) is written without regrowing its buffer.
+    pub fn with_state_capacity<T: Serialize>(
+        id: impl Into<String>,
+        state: &T,
+        capacity: usize,
+    ) -> Result<Self, SnapshotError> {
+        let id = id.into();
+        let bytes = postcard::to_io(state, Vec::with_capacity(capacity)).map_err(|source| {
+            SnapshotError::Codec {
+                id: id.clone(),
+                source,
+            }
+        })?;
+        Ok(Snapshot {
+            id,
+            state: Some(bytes),
+            children: BTreeMap::new(),
+        })
+    }
+
     /// Adds a child.
     pub fn add(&mut self, child: Snapshot) {
         self.children.insert(child.id.clone(), child);
@@ -87,6 +112,12 @@ impl Snapshot {
 
     /// Decodes this node's state.
     pub fn state<T: DeserializeOwned>(&self) -> Result<T, SnapshotError> {
+        self.state_ref()
+    }
+
+    /// Decodes this node's state into a type that may borrow from it (e.g. `&[u8]` fields:
+    /// large byte strings decoded without a copy).
+    pub fn state_ref<'a, T: Deserialize<'a>>(&'a self) -> Result<T, SnapshotError> {
         let bytes = self
             .state
             .as_deref()
@@ -150,13 +181,13 @@ impl<'de> Visitor<'de> for NodeSeed {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Snapshot, A::Error> {
         let missing = |i| serde::de::Error::invalid_length(i, &"3 fields");
         let id = seq.next_element()?.ok_or_else(|| missing(0))?;
-        let state = seq.next_element()?.ok_or_else(|| missing(1))?;
+        let state: Option<ByteBuf> = seq.next_element()?.ok_or_else(|| missing(1))?;
         let children = seq
             .next_element_seed(ChildrenSeed(self.depth + 1))?
             .ok_or_else(|| missing(2))?;
         Ok(Snapshot {
             id,
-            state,
+            state: state.map(|b| b.0),
             children,
         })
     }
@@ -166,7 +197,7 @@ impl<'de> Visitor<'de> for NodeSeed {
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "id" => node.id = map.next_value()?,
-                "state" => node.state = map.next_value()?,
+                "state" => node.state = map.next_value::<Option<ByteBuf>>()?.map(|b| b.0),
                 "children" => node.children = map.next_value_seed(ChildrenSeed(self.depth + 1))?,
                 other => return Err(serde::de::Error::unknown_field(other, FIELDS)),
             }
@@ -265,6 +296,42 @@ mod tests {
         wide.children.pop_first();
         let bytes = postcard::to_stdvec(&wide).unwrap();
         assert_eq!(postcard::from_bytes::<Snapshot>(&bytes).unwrap(), wide);
+    }
+
+    /// `Snapshot` as it was encoded before its state became a byte string.
+    #[derive(Serialize)]
+    struct OldSnapshot {
+        id: String,
+        state: Option<Vec<u8>>,
+        children: BTreeMap<String, OldSnapshot>,
+    }
+
+    fn old(s: &Snapshot) -> OldSnapshot {
+        OldSnapshot {
+            id: s.id.clone(),
+            state: s.state.clone(),
+            children: s
+                .children
+                .iter()
+                .map(|(k, c)| (k.clone(), old(c)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn test_snapshot_state_bytes_decode_from_old_u8_sequence_encoding() {
+        let mut root = Snapshot::new("vgpu");
+        root.add(Snapshot::with_state("regs", &vec![1u32, 2, 300]).unwrap());
+        let big: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        root.add(Snapshot::with_state("lmem", &crate::bytes::Bytes(&big)).unwrap());
+        root.add(Snapshot::new("empty"));
+        let old_bytes = postcard::to_stdvec(&old(&root)).unwrap();
+        assert_eq!(postcard::to_stdvec(&root).unwrap(), old_bytes);
+        assert_eq!(postcard::from_bytes::<Snapshot>(&old_bytes).unwrap(), root);
+        // A node state written as a `Vec<u8>` sequence reads as a borrowed byte string.
+        let lmem = root.child("lmem").unwrap();
+        assert_eq!(lmem.state::<Vec<u8>>().unwrap(), big);
+        assert_eq!(lmem.state_ref::<&[u8]>().unwrap(), &big[..]);
     }
 
     #[test]

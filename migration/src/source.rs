@@ -223,12 +223,15 @@ impl<C: LiveMigratable + ?Sized, S: Read + Write> Run<'_, C, S> {
         let mut round = 1;
         self.round(round, &mut (0..self.page_count), self.page_count)?;
         let (mut dirty, stop_reason, predicted) = loop {
-            let dirty = self.dirty_pages()?;
+            let (dirty, scan) = self.dirty_pages()?;
             let n = dirty.len() as u64;
+            // The stop-and-copy repeats this scan while paused: it is part of the prediction.
+            self.conv.record_scan(scan);
             let d = self.conv.decide(round, n, self.state_hint);
             self.predicted = Some(d.predicted);
             if let Some(last) = self.rounds.last_mut() {
                 last.dirty_after = n;
+                last.scan_us = micros(scan);
                 last.predicted_downtime_us = micros(d.predicted);
             }
             tracing::debug!(round, dirty = n, predicted = ?d.predicted, "pre-copy round done");
@@ -246,7 +249,8 @@ impl<C: LiveMigratable + ?Sized, S: Read + Write> Run<'_, C, S> {
         let mut lap = Lap::start();
         self.c.pause().map_err(self.component())?;
         self.paused = true;
-        dirty.extend(self.dirty_pages()?);
+        let (last, final_scan) = self.dirty_pages()?;
+        dirty.extend(last);
         dirty.sort_unstable();
         dirty.dedup();
         self.c.stop_dirty_log().map_err(self.component())?;
@@ -302,6 +306,7 @@ impl<C: LiveMigratable + ?Sized, S: Read + Write> Run<'_, C, S> {
             bytes: final_bytes,
             duration_us: times.final_pages_us,
             dirty_after: 0,
+            scan_us: micros(final_scan),
             predicted_downtime_us: 0,
         });
         self.set_phase(Phase::Completed);
@@ -376,6 +381,7 @@ impl<C: LiveMigratable + ?Sized, S: Read + Write> Run<'_, C, S> {
             bytes,
             duration_us: micros(elapsed),
             dirty_after: 0,
+            scan_us: 0,
             predicted_downtime_us: 0,
         });
         Ok(())
@@ -416,9 +422,12 @@ impl<C: LiveMigratable + ?Sized, S: Read + Write> Run<'_, C, S> {
         Ok(())
     }
 
-    /// The component's dirty pages, sorted, without duplicates, all in range.
-    fn dirty_pages(&mut self) -> Result<Vec<u64>, SourceError> {
+    /// The component's dirty pages, sorted, without duplicates, all in range, and how long the
+    /// component took to find them.
+    fn dirty_pages(&mut self) -> Result<(Vec<u64>, Duration), SourceError> {
+        let t = Instant::now();
         let mut d = self.c.dirty_pages().map_err(self.component())?;
+        let scan = t.elapsed();
         d.sort_unstable();
         d.dedup();
         match d.last() {
@@ -428,7 +437,7 @@ impl<C: LiveMigratable + ?Sized, S: Read + Write> Run<'_, C, S> {
                     reason: format!("dirty page {last} beyond {} pages", self.page_count),
                 }))
             }
-            _ => Ok(d),
+            _ => Ok((d, scan)),
         }
     }
 

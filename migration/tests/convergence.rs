@@ -14,6 +14,17 @@ use vgpu_migration::{MigrationReport, SourceConfig, StopReason};
 const LINK: u64 = 64 << 20;
 
 fn migrate_at(pages: usize, rate: u64, link: u64, cfg: &SourceConfig) -> MigrationReport {
+    migrate_scanning(pages, rate, link, cfg, Duration::ZERO)
+}
+
+/// [`migrate_at`] with a component whose `dirty_pages` takes `scan`.
+fn migrate_scanning(
+    pages: usize,
+    rate: u64,
+    link: u64,
+    cfg: &SourceConfig,
+    scan: Duration,
+) -> MigrationReport {
     let pipe = MemPipeConfig {
         bandwidth: Some(link),
         buffer: 256 << 10,
@@ -21,6 +32,7 @@ fn migrate_at(pages: usize, rate: u64, link: u64, cfg: &SourceConfig) -> Migrati
     };
     let (a, b) = mem_pipe(&pipe);
     let mut src = Fake::source(pages, 11);
+    src.scan_delay = scan;
     let writer = (rate > 0).then(|| Writer::start(src.shared.clone(), rate, 3));
     let (s, d, dst) = run_pair(&mut src, Fake::destination(pages), a, b, cfg);
     drop(writer);
@@ -77,6 +89,33 @@ fn test_convergence_high_dirty_rate_hits_round_limit_and_says_so() {
 /// Prints predicted vs actual downtime at three dirty rates on a 1 Gbit/s-like link with 64 MiB
 /// of memory. Run: `cargo test --release -p vgpu-migration --test convergence -- --ignored
 /// --nocapture`.
+#[test]
+fn test_convergence_prediction_counts_the_dirty_scan() {
+    // A component whose dirty scan takes 8 ms: the stop-and-copy repeats it while paused, so
+    // the prediction includes it, and each round reports its scan.
+    let scan = Duration::from_millis(8);
+    let r = migrate_scanning(512, 0, LINK, &SourceConfig::default(), scan);
+    assert_eq!(r.stop_reason, StopReason::Converged, "{r:#?}");
+    assert_eq!(r.precopy_rounds, 1);
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap();
+    assert!(r.rounds.iter().all(|x| x.scan_us >= us(scan)), "{r:#?}");
+    assert!(r.predicted_downtime_us >= us(scan + Duration::from_millis(2)));
+    assert!(r.downtime_breakdown.pause_us >= us(scan));
+}
+
+#[test]
+fn test_convergence_scan_above_target_stops_without_extra_rounds() {
+    // A 25 ms scan alone misses the 20 ms target: no round can help, so pre-copy stops as
+    // soon as the pages fit (the first round here) and the prediction says the target is
+    // missed, instead of running to the round limit.
+    let scan = Duration::from_millis(25);
+    let r = migrate_scanning(512, 0, LINK, &SourceConfig::default(), scan);
+    assert_eq!(r.stop_reason, StopReason::FloorAboveTarget, "{r:#?}");
+    assert_eq!(r.precopy_rounds, 1);
+    assert!(r.predicted_downtime_us > r.downtime_target_us, "{r:#?}");
+    assert!(r.downtime_us >= 25_000);
+}
+
 #[test]
 #[ignore]
 fn measure_downtime() {

@@ -598,6 +598,8 @@ fn summarize(m: &MigrationInfo, json: bool) -> anyhow::Result<()> {
                 match r.stop_reason {
                     vgpu_api::model::StopReasonName::Converged => "converged",
                     vgpu_api::model::StopReasonName::RoundLimit => "round limit reached",
+                    vgpu_api::model::StopReasonName::FloorAboveTarget =>
+                        "scan and device state alone exceed the target",
                 },
                 r.final_pages
             );

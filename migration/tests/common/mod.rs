@@ -64,6 +64,8 @@ pub struct Fake {
     pub pauses: u32,
     pub restored: bool,
     pub dirty_calls: u32,
+    /// How long each `dirty_pages` call takes (a component that scans its memory).
+    pub scan_delay: std::time::Duration,
 }
 
 pub const COMPAT: &[u8] = b"fake-gpu rev 1 profile=small";
@@ -123,6 +125,7 @@ impl Fake {
             pauses: 0,
             restored: false,
             dirty_calls: 0,
+            scan_delay: std::time::Duration::ZERO,
         }
     }
 
@@ -231,6 +234,7 @@ impl Migratable for Fake {
 
     fn dirty_pages(&mut self) -> Result<Vec<u64>, MigrationError> {
         self.check(Fail::DirtyPages)?;
+        std::thread::sleep(self.scan_delay);
         let mut g = self.lock();
         if !g.logging {
             return Err(mem_err("dirty log not started"));

@@ -420,6 +420,8 @@ struct Summary {
     stop_wait_ms: f64,
     identical: bool,
     breakdown: [f64; 6],
+    /// The stop-and-copy's `dirty_pages()` alone (part of `breakdown[0]`).
+    final_scan_ms: f64,
     doorbell_before: (f64, f64, f64),
     doorbell_during: (f64, f64, f64),
 }
@@ -431,6 +433,7 @@ fn summarize(runs: &[&MigRun]) -> Summary {
         let s = match r.report.stop_reason {
             StopReason::Converged => "converged",
             StopReason::RoundLimit => "round limit",
+            StopReason::FloorAboveTarget => "floor above target",
         };
         if !reasons.iter().any(|x| x == s) {
             reasons.push(s.into());
@@ -481,6 +484,7 @@ fn summarize(runs: &[&MigRun]) -> Summary {
             b(&|x| x.restore_us),
             b(&|x| x.resume_us),
         ],
+        final_scan_ms: m(&|r| r.report.rounds.last().map_or(0, |x| x.scan_us) as f64 / 1e3),
         doorbell_before: lat(all(&|g| &g.before_us)),
         doorbell_during: lat(all(&|g| &g.during_us)),
     }
@@ -736,14 +740,15 @@ fn migration_section(cfg: &Cfg, data: &[u8], t_start: Instant) -> (serde_json::V
     }
     println!();
     println!("Downtime breakdown (medians, ms) and the guest's submissions (latency median / p99 / max, us)");
-    println!("| guest | pause + last dirty scan | last pages | device-state save + encode | state transfer | destination decode + restore | commit + resume | guest stop + drain (not in downtime) | submit before migration | submit during pre-copy |");
+    println!("| guest | pause + last dirty scan (scan alone) | last pages | device-state save + encode | state transfer | destination decode + restore | commit + resume | guest stop + drain (not in downtime) | submit before migration | submit during pre-copy |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for s in &sums {
         let b = s.breakdown;
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} |",
+            "| {} | {:.1} ({:.1}) | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} |",
             s.rate.name(),
             b[0],
+            s.final_scan_ms,
             b[1],
             b[2],
             b[3],
@@ -816,6 +821,7 @@ fn migration_section(cfg: &Cfg, data: &[u8], t_start: Instant) -> (serde_json::V
             "downtime_vs_gmig": median(&s.downtime_ms) / GMIG_MS,
             "breakdown_ms": {
                 "pause_and_last_scan": s.breakdown[0],
+                "last_scan": s.final_scan_ms,
                 "final_pages": s.breakdown[1],
                 "snapshot": s.breakdown[2],
                 "state_transfer": s.breakdown[3],

@@ -351,9 +351,13 @@ fn test_idle_vgpu_migration_converges_in_one_round() {
         !dst.scheduler().is_paused(moved.id),
         "destination runs after the commit unless asked to stay paused"
     );
-    assert_eq!(
-        report.stop_reason,
-        vgpu_migration::StopReason::Converged,
+    // Converged, or (on a loaded machine whose page scan alone takes longer than the target)
+    // stopped because no further round could help: either way after the first round.
+    assert!(
+        matches!(
+            report.stop_reason,
+            vgpu_migration::StopReason::Converged | vgpu_migration::StopReason::FloorAboveTarget
+        ),
         "{report:?}"
     );
     assert_eq!(report.precopy_rounds, 1);
@@ -395,5 +399,47 @@ fn test_page_changed_back_after_being_sent_is_still_dirty() {
     );
     m.read_page(5, &mut buf).unwrap();
     assert!(m.dirty_pages().unwrap().is_empty(), "sent again: clean");
+    m.stop_dirty_log().unwrap();
+}
+
+#[test]
+fn test_parallel_dirty_scan_finds_writes_at_every_range_boundary() {
+    // The scan hashes contiguous ranges on several threads: a CPU write on either side of any
+    // split (for 1 to 8 threads), and at both ends, must be found, and nothing else.
+    use std::collections::BTreeSet;
+    use vgpu_migration::Migratable;
+    let src = daemon(256);
+    let info = src.create(&spec(GttMode::Shadow, "split")).unwrap();
+    let vgpu = src.vgpu(info.id).unwrap();
+    let mut m = vgpu_api::migrate::VgpuMigration::source(&src, info.id).unwrap();
+    let pages = m.memory_size() / PAGE_SIZE;
+    m.start_dirty_log().unwrap();
+    m.dirty_pages().unwrap();
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for p in 0..pages {
+        m.read_page(p, &mut buf).unwrap();
+    }
+    assert!(m.dirty_pages().unwrap().is_empty(), "idle after round 1");
+    let mut want = BTreeSet::from([0, pages - 1]);
+    for threads in 1..=8 {
+        let per = pages.div_ceil(threads);
+        for first in (per..pages).step_by(per as usize) {
+            want.extend([first - 1, first]);
+        }
+    }
+    for &p in &want {
+        // One byte at the end of the page: the rest of it stays as it was.
+        vgpu.lock()
+            .unwrap()
+            .bar2_write(p * PAGE_SIZE + PAGE_SIZE - 1, &[0x5A]);
+    }
+    assert_eq!(
+        m.dirty_pages().unwrap(),
+        want.iter().copied().collect::<Vec<_>>()
+    );
+    for &p in &want {
+        m.read_page(p, &mut buf).unwrap();
+    }
+    assert!(m.dirty_pages().unwrap().is_empty(), "all sent: clean");
     m.stop_dirty_log().unwrap();
 }

@@ -13,10 +13,16 @@
 //! | `audit` | total events | the event list starts empty |
 //! | `lmem` (optional) | every non-zero page of local memory | zero pages |
 //!
+//! `lmem` is the bulk of a snapshot with memory. It is serialized straight from local memory
+//! (one pass finds the non-zero pages, a second copies them into the state as byte strings)
+//! and restored from pages borrowed from the decoded state, so no page is copied into a vector
+//! of its own either way. The bytes are those of `LmemState { pages: Vec<(u64, Vec<u8>)> }`.
+//!
 //! The device must be quiescent while saving (no engine executing it: pause it in the
 //! scheduler) and is restored before it is scheduled again. Restore checks every field and
 //! changes nothing when it fails.
 
+use serde::ser::{SerializeSeq, SerializeStruct, SerializeTuple, Serializer};
 use serde::{Deserialize, Serialize};
 use vgpu_abi::{regs, Engine, PAGE_SIZE, SPEC_VERSION};
 use vgpu_migration::{MigrationError, Snapshot};
@@ -24,6 +30,7 @@ use vgpu_migration::{MigrationError, Snapshot};
 use crate::addr::{GmRange, LmemOffset};
 use crate::engine::context::EngineState;
 use crate::pci::{ConfigSpace, ConfigSpaceState, MsixState};
+use crate::phys::LmemSlice;
 use crate::vgpu::policy::REG_DWORDS;
 use crate::vgpu::{GttMode, Vgpu};
 
@@ -51,10 +58,80 @@ struct GgttState {
     last_fault: u64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct LmemState {
-    /// (page index, 4 KiB of data) for every page that is not all zeros.
-    pages: Vec<(u64, Vec<u8>)>,
+/// The `lmem` state as decoded: (page index, 4 KiB of data) for every page that is not all
+/// zeros, the data borrowed from the snapshot. Encoded by [`LmemOut`].
+#[derive(Deserialize)]
+struct LmemState<'a> {
+    #[serde(borrow)]
+    pages: Vec<(u64, &'a [u8])>,
+}
+
+/// The `lmem` state as saved: the pages `pages` of `lmem`, each read while it is serialized,
+/// in the layout of [`LmemState`] (a struct of one sequence of (index, byte string) tuples).
+struct LmemOut<'a> {
+    lmem: &'a LmemSlice,
+    pages: &'a [u64],
+}
+
+impl Serialize for LmemOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Pages<'a>(&'a LmemOut<'a>);
+        impl Serialize for Pages<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.pages.len()))?;
+                for &index in self.0.pages {
+                    seq.serialize_element(&PageOut {
+                        lmem: self.0.lmem,
+                        index,
+                    })?;
+                }
+                seq.end()
+            }
+        }
+        let mut st = s.serialize_struct("LmemState", 1)?;
+        st.serialize_field("pages", &Pages(self))?;
+        st.end()
+    }
+}
+
+/// One `(index, data)` tuple of [`LmemOut`].
+struct PageOut<'a> {
+    lmem: &'a LmemSlice,
+    index: u64,
+}
+
+impl Serialize for PageOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut page = [0u8; PAGE];
+        self.lmem
+            .read(LmemOffset(self.index * PAGE_SIZE), &mut page)
+            .map_err(serde::ser::Error::custom)?;
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&self.index)?;
+        t.serialize_element(&vgpu_migration::bytes::Bytes(&page))?;
+        t.end()
+    }
+}
+
+/// The indexes of the pages of `lmem` that are not all zeros.
+fn nonzero_pages(lmem: &LmemSlice) -> Result<Vec<u64>, MigrationError> {
+    let mut pages = Vec::new();
+    let mut buf = [0u8; PAGE];
+    for i in 0..lmem.size() / PAGE_SIZE {
+        // Data pages are told apart by their first bytes; only zero-looking ones are read whole.
+        let (head, tail) = buf.split_at_mut(64);
+        lmem.read(LmemOffset(i * PAGE_SIZE), head)
+            .map_err(|e| invalid(e.to_string()))?;
+        let nonzero = !vgpu_migration::protocol::is_zero(head) || {
+            lmem.read(LmemOffset(i * PAGE_SIZE + 64), tail)
+                .map_err(|e| invalid(e.to_string()))?;
+            !vgpu_migration::protocol::is_zero(tail)
+        };
+        if nonzero {
+            pages.push(i);
+        }
+    }
+    Ok(pages)
 }
 
 /// `PAGE_SIZE` as a `usize`.
@@ -139,17 +216,18 @@ impl Vgpu {
         root.add(Snapshot::with_state("display", &s.flip_count())?);
         root.add(Snapshot::with_state("audit", &s.audit.total())?);
         if with_lmem {
-            let mut pages = Vec::new();
-            let mut buf = vec![0u8; PAGE];
-            for i in 0..s.lmem().size() / PAGE_SIZE {
-                s.lmem()
-                    .read(LmemOffset(i * PAGE_SIZE), &mut buf)
-                    .map_err(|e| invalid(e.to_string()))?;
-                if buf.iter().any(|&b| b != 0) {
-                    pages.push((i, buf.clone()));
-                }
-            }
-            root.add(Snapshot::with_state("lmem", &LmemState { pages })?);
+            let lmem = s.lmem();
+            let pages = nonzero_pages(lmem)?;
+            // Per page at most 10 bytes of index varint, 2 of length, and the data.
+            let size = pages.len().saturating_mul(PAGE + 12).saturating_add(10);
+            root.add(Snapshot::with_state_capacity(
+                "lmem",
+                &LmemOut {
+                    lmem,
+                    pages: &pages,
+                },
+                size,
+            )?);
         }
         Ok(root)
     }
@@ -187,7 +265,7 @@ impl Vgpu {
         let flips: u32 = snap.child_state("display")?;
         let audits: u64 = snap.child_state("audit")?;
         let lmem: Option<LmemState> = match snap.child("lmem") {
-            Ok(c) => Some(c.state()?),
+            Ok(c) => Some(c.state_ref()?),
             Err(_) => None,
         };
         if let Some(l) = &lmem {
@@ -235,7 +313,7 @@ impl Vgpu {
         s.audit.set_total(audits);
         if let Some(l) = lmem {
             s.lmem().scrub().map_err(|e| invalid(e.to_string()))?;
-            for (i, data) in &l.pages {
+            for &(i, data) in &l.pages {
                 s.lmem()
                     .write(LmemOffset(i * PAGE_SIZE), data)
                     .map_err(|e| invalid(e.to_string()))?;
@@ -256,5 +334,94 @@ impl vgpu_migration::Snapshottable for Vgpu {
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigrationError> {
         Vgpu::restore(self, snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::addr::HostLmemOffset;
+    use crate::phys::LocalMemory;
+
+    /// `LmemState` as it was saved before pages became byte strings.
+    #[derive(Serialize, Deserialize)]
+    struct OldLmemState {
+        pages: Vec<(u64, Vec<u8>)>,
+    }
+
+    fn slice(pages: u64) -> LmemSlice {
+        let mem = Arc::new(LocalMemory::new(pages * PAGE_SIZE).unwrap());
+        LmemSlice::new(mem, HostLmemOffset(0), pages * PAGE_SIZE).unwrap()
+    }
+
+    #[test]
+    fn test_lmem_state_same_bytes_as_old_encoding_both_ways() {
+        let lmem = slice(300);
+        // Zero pages, a page non-zero only at its end, one only at its start, one full page.
+        lmem.write(LmemOffset(3 * PAGE_SIZE + PAGE_SIZE - 1), &[1])
+            .unwrap();
+        lmem.write(LmemOffset(7 * PAGE_SIZE), &[2]).unwrap();
+        let full: Vec<u8> = (0..PAGE).map(|i| i.to_le_bytes()[0]).collect();
+        lmem.write(LmemOffset(299 * PAGE_SIZE), &full).unwrap();
+        let pages = nonzero_pages(&lmem).unwrap();
+        assert_eq!(pages, vec![3, 7, 299]);
+
+        let new = Snapshot::with_state_capacity(
+            "lmem",
+            &LmemOut {
+                lmem: &lmem,
+                pages: &pages,
+            },
+            0,
+        )
+        .unwrap();
+        let mut buf = vec![0u8; PAGE];
+        let old = OldLmemState {
+            pages: pages
+                .iter()
+                .map(|&i| {
+                    lmem.read(LmemOffset(i * PAGE_SIZE), &mut buf).unwrap();
+                    (i, buf.clone())
+                })
+                .collect(),
+        };
+        let old_snap = Snapshot::with_state("lmem", &old).unwrap();
+        assert_eq!(
+            new.state, old_snap.state,
+            "same bytes as Vec<(u64, Vec<u8>)>"
+        );
+
+        // A snapshot written the old way restores through the borrowing decoder.
+        let decoded: LmemState = old_snap.state_ref().unwrap();
+        assert_eq!(decoded.pages.len(), 3);
+        for ((i, data), (oi, odata)) in decoded.pages.iter().zip(&old.pages) {
+            assert_eq!((i, *data), (oi, &odata[..]));
+        }
+        let back: OldLmemState = new.state().unwrap();
+        assert_eq!(back.pages, old.pages);
+    }
+
+    #[test]
+    fn test_lmem_state_truncated_rejected() {
+        let lmem = slice(8);
+        lmem.write(LmemOffset(PAGE_SIZE), &[9; 100]).unwrap();
+        let pages = nonzero_pages(&lmem).unwrap();
+        let snap = Snapshot::with_state_capacity(
+            "lmem",
+            &LmemOut {
+                lmem: &lmem,
+                pages: &pages,
+            },
+            0,
+        )
+        .unwrap();
+        let bytes = snap.state.unwrap();
+        for cut in [0, 1, 2, 3, bytes.len() - 1] {
+            let mut s = Snapshot::new("lmem");
+            s.state = Some(bytes[..cut].to_vec());
+            assert!(s.state_ref::<LmemState>().is_err(), "cut at {cut}");
+        }
     }
 }
