@@ -333,7 +333,10 @@ impl VfioMigration {
         if let Ok(delta) = snap.child("lmem.delta") {
             let d: Delta = delta.state().map_err(|e| invalid(e.to_string()))?;
             let pages = v.shared().lmem().size() / PAGE_U64;
-            if d.pages.iter().any(|p| p.index >= pages || p.data.len() != PAGE) {
+            if d.pages
+                .iter()
+                .any(|p| p.index >= pages || p.data.len() != PAGE)
+            {
                 return Err(invalid(
                     "local-memory page out of range or of the wrong size",
                 ));
@@ -373,7 +376,9 @@ mod tests {
         struct OldDelta {
             pages: Vec<(u64, Vec<u8>)>,
         }
-        let data: Vec<u8> = (0..PAGE).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..PAGE)
+            .map(|i| u8::try_from(i * 7 % 251).unwrap())
+            .collect();
         let old = postcard::to_stdvec(&OldDelta {
             pages: vec![(3, data.clone()), (900, vec![0; PAGE])],
         })
