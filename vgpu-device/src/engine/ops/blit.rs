@@ -12,14 +12,19 @@
 //! before the source, bottom-up otherwise) and reading each source row before writing its
 //! destination row; with different pitches the source is copied into a host buffer.
 //!
-//! Paths, all bit-exact with the definition: ROPs independent of S and D fill rows with one
-//! value; `SRCCOPY` copies rows host-to-host with [`Mem::copy`]; every other ROP combines whole
-//! rows in `u64` chunks. All or nothing: the whole footprint is translated before any write.
+//! All or nothing: every page of the footprint is translated once, into a [`RowMap`], before
+//! any write (entries removed after the scan fault here); the rows are then processed page
+//! span by page span without translating again. Paths, all bit-exact with the definition:
+//! ROPs independent of S and D store the pattern straight into the destination spans; other
+//! ROPs without S update the destination in place, 8 bytes at a time; with S, `SRCCOPY` copies
+//! span to span and other ROPs combine span to span, unless a source row overlaps its own
+//! destination row (then through row buffers). Back-to-back rows (pitch = row size) are
+//! processed as one row when the order of rows does not matter.
 
 use vgpu_abi::cmd::{self, ROP_SRCCOPY};
 
 use super::{addr, split16, usize_of, ExecError, Extent, Image, OpError, OpStats};
-use crate::mem::{Access, Mem};
+use crate::mem::{Access, Mem, RowMap, Rows};
 
 /// Pixel size of a blit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,31 +78,33 @@ const fn uses_d(rop: u8) -> bool {
     ((rop >> 1) ^ rop) & 0x55 != 0
 }
 
-/// The two-input function whose truth table is the low 4 bits of `t` (bit `S * 2 + D`).
-fn rop2(t: u8, s: u64, d: u64) -> u64 {
-    match t & 0xF {
-        0x0 => 0,
-        0x1 => !(s | d),
-        0x2 => !s & d,
-        0x3 => !s,
-        0x4 => s & !d,
-        0x5 => !d,
-        0x6 => s ^ d,
-        0x7 => !(s & d),
-        0x8 => s & d,
-        0x9 => !(s ^ d),
-        0xA => d,
-        0xB => !s | d,
-        0xC => s,
-        0xD => s | !d,
-        0xE => s | d,
-        _ => !0,
-    }
-}
+/// A ROP3 with its pattern bound, as one mask per minterm of (S, D): where the source bit is
+/// `s` and the destination bit `d`, the result bit is that of mask `s * 2 + d`, itself the ROP's
+/// bit `4 + s * 2 + d` where the pattern bit is 1 and bit `s * 2 + d` where it is 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PatRop([u64; 4]);
 
-/// ROP3 over 64 bits: the high nibble applies where P is 1, the low nibble where P is 0.
-fn rop3(rop: u8, p: u64, s: u64, d: u64) -> u64 {
-    (p & rop2(rop >> 4, s, d)) | (!p & rop2(rop, s, d))
+impl PatRop {
+    /// `rop` with the 8-byte pattern `p` (bytes in memory order, little-endian).
+    fn new(rop: u8, p: u64) -> PatRop {
+        // All ones where bit `i` of the ROP is set.
+        let all = |i: usize| 0u64.wrapping_sub(u64::from((rop >> i) & 1));
+        PatRop(std::array::from_fn(|i| (p & all(4 + i)) | (!p & all(i))))
+    }
+
+    /// The same for memory starting `off` bytes into a row (the pattern repeats every 8 bytes
+    /// from the row's start): the masks rotated by `off % 8` bytes.
+    fn at(self, off: usize) -> PatRop {
+        let bits = u32::try_from(off % 8).unwrap_or(0) * 8;
+        PatRop(self.0.map(|m| m.rotate_right(bits)))
+    }
+
+    /// The result for 64 bits of S and D.
+    #[inline(always)]
+    fn apply(&self, s: u64, d: u64) -> u64 {
+        let [m0, m1, m2, m3] = self.0;
+        (m0 & !s & !d) | (m1 & !s & d) | (m2 & s & !d) | (m3 & s & d)
+    }
 }
 
 /// What both blits share.
@@ -180,14 +187,14 @@ impl SrcCopyBlt {
     }
 }
 
-/// Where source rows come from.
-enum SrcRows {
-    /// S = 0.
-    Zero,
-    /// Read from memory when needed.
-    Mem(Image),
-    /// A copy taken before any write (overlap with different pitches): rows of `row_bytes`.
-    Aside(Vec<u8>),
+/// The rows of an image.
+fn rows_of(img: &Image) -> Rows {
+    Rows {
+        va: img.va,
+        pitch: img.pitch,
+        len: img.row_bytes,
+        count: img.rows,
+    }
 }
 
 impl Blit {
@@ -214,56 +221,91 @@ impl Blit {
         if dst.is_empty() {
             return Ok(OpStats::default());
         }
-        let src = self.read_src();
-        if let Some(s) = src {
-            s.validate(mem, Access::Read)?;
-        }
-        // A page translated for writing is readable too.
-        dst.validate(mem, Access::Write)?;
-        let pat = self.bpp.replicate(self.pattern);
-        if src.is_none() && !uses_d(self.rop) {
-            return fill(mem, dst, rop3(self.rop, pat, 0, 0));
-        }
-        let overlap = src.is_some_and(|s| s.overlaps(&dst));
-        // Bottom-up only for an equal-pitch overlap with the destination after the source.
-        let backwards = overlap && src.is_some_and(|s| s.pitch == dst.pitch && dst.va > s.va);
-        let mut stats = OpStats::default();
-        let rows = match src {
-            None => SrcRows::Zero,
-            Some(s) if overlap && s.pitch != dst.pitch => {
-                let mut buf = Vec::new();
-                let n = usize_of(s.rows * s.row_bytes);
-                buf.try_reserve_exact(n)
-                    .map_err(|_| ExecError::OutOfMemory)?;
-                buf.resize(n, 0);
-                for (r, chunk) in (0..s.rows).zip(buf.chunks_exact_mut(usize_of(s.row_bytes))) {
-                    mem.read(s.row(r), chunk)?;
-                }
-                stats.bytes_read += s.rows * s.row_bytes;
-                SrcRows::Aside(buf)
+        let total = dst.rows * dst.row_bytes;
+        let rop = PatRop::new(self.rop, self.bpp.replicate(self.pattern));
+        let read_d = uses_d(self.rop);
+        let Some(src) = self.read_src() else {
+            // Back-to-back rows as one: rows are whole pixels, so the pattern runs on.
+            // A page translated for writing is readable too.
+            let dmap = mem.map_rows(rows_of(&dst).coalesced(), Access::Write)?;
+            if read_d {
+                update(&dmap, rop);
+            } else {
+                fill(&dmap, rop.apply(0, 0));
             }
-            Some(s) => SrcRows::Mem(s),
+            return Ok(OpStats {
+                bytes_read: if read_d { total } else { 0 },
+                bytes_written: total,
+            });
         };
-        if let SrcRows::Mem(s) = rows {
-            // Row copies are safe when no source row overlaps its own destination row (rows are
-            // walked in the safe direction above).
-            let apart = s.va.raw().abs_diff(dst.va.raw()) >= dst.row_bytes;
-            if self.rop == ROP_SRCCOPY && (!overlap || apart) {
-                return copy(mem, dst, s, overlap, backwards);
-            }
+        let overlap = src.overlaps(&dst);
+        let same_pitch = src.pitch == dst.pitch;
+        let (srows, drows) = (rows_of(&src), rows_of(&dst));
+        let (srows, drows) = if !overlap && src.pitch == src.row_bytes && dst.pitch == dst.row_bytes
+        {
+            (srows.coalesced(), drows.coalesced())
+        } else {
+            (srows, drows)
+        };
+        let smap = mem.map_rows(srows, Access::Read)?;
+        let dmap = mem.map_rows(drows, Access::Write)?;
+        // Bottom-up only for an equal-pitch overlap with the destination after the source.
+        let backwards = overlap && same_pitch && dst.va > src.va;
+        let stats = OpStats {
+            bytes_read: total + if read_d { total } else { 0 },
+            bytes_written: total,
+        };
+        // Span-to-span is safe when no source row overlaps its own destination row (rows are
+        // walked in the safe direction).
+        let apart = src.va.raw().abs_diff(dst.va.raw()) >= dst.row_bytes;
+        if !overlap || (same_pitch && apart) {
+            self.combine_spans(&dmap, &smap, rop, backwards);
+            return Ok(stats);
         }
-        self.combine_rows(mem, &rows, pat, backwards, stats)
+        let rows = if same_pitch {
+            SrcRows::Map(&smap)
+        } else {
+            // Copy the source aside before any write.
+            let mut buf = Vec::new();
+            let n = usize_of(total);
+            buf.try_reserve_exact(n)
+                .map_err(|_| ExecError::OutOfMemory)?;
+            buf.resize(n, 0);
+            for (r, chunk) in (0..src.rows).zip(buf.chunks_exact_mut(usize_of(src.row_bytes))) {
+                smap.read_row(r, chunk);
+            }
+            SrcRows::Aside(buf)
+        };
+        self.combine_rows(&dmap, &rows, rop, backwards);
+        Ok(stats)
     }
 
-    /// The generic path: per row, read S and D, combine in `u64` chunks, write D.
-    fn combine_rows(
-        &self,
-        mem: &mut Mem<'_>,
-        src: &SrcRows,
-        pat: u64,
-        backwards: bool,
-        mut stats: OpStats,
-    ) -> Result<OpStats, ExecError> {
+    /// Span to span, row by row in the given direction: `SRCCOPY` copies, other ROPs combine
+    /// 8 bytes at a time.
+    fn combine_spans(&self, dmap: &RowMap<'_>, smap: &RowMap<'_>, rop: PatRop, backwards: bool) {
+        let n = dmap.rows().count;
+        let read_d = uses_d(self.rop);
+        for i in 0..n {
+            let r = if backwards { n - 1 - i } else { i };
+            if self.rop == ROP_SRCCOPY {
+                dmap.write_pairs(r, smap, |_, d, s| d.copy_from_span(&s));
+            } else if read_d {
+                dmap.write_pairs(r, smap, |off, d, s| {
+                    let m = rop.at(off);
+                    d.combine_from(&s, |s, d| m.apply(s, d));
+                });
+            } else {
+                dmap.write_pairs(r, smap, |off, d, s| {
+                    let m = rop.at(off);
+                    d.combine_from(&s, |s, _| m.apply(s, 0));
+                });
+            }
+        }
+    }
+
+    /// Through row buffers (a source row overlaps its own destination row, or the source was
+    /// copied aside): per row, read S and D, combine in `u64` chunks, write D.
+    fn combine_rows(&self, dmap: &RowMap<'_>, src: &SrcRows<'_>, rop: PatRop, backwards: bool) {
         let dst = self.dst;
         let rb = usize_of(dst.row_bytes);
         // Padded to whole u64 chunks; the padding is never written back.
@@ -274,11 +316,7 @@ impl Blit {
         for i in 0..dst.rows {
             let r = if backwards { dst.rows - 1 - i } else { i };
             match src {
-                SrcRows::Zero => {}
-                SrcRows::Mem(s) => {
-                    mem.read(s.row(r), &mut sbuf[..rb])?;
-                    stats.bytes_read += dst.row_bytes;
-                }
+                SrcRows::Map(m) => m.read_row(r, &mut sbuf[..rb]),
                 SrcRows::Aside(buf) => {
                     let off = usize_of(r) * rb;
                     if let Some(row) = buf.get(off..off + rb) {
@@ -287,8 +325,7 @@ impl Blit {
                 }
             }
             if read_d {
-                mem.read(dst.row(r), &mut dbuf[..rb])?;
-                stats.bytes_read += dst.row_bytes;
+                dmap.read_row(r, &mut dbuf[..rb]);
             }
             if self.rop == ROP_SRCCOPY {
                 dbuf.copy_from_slice(&sbuf);
@@ -297,71 +334,47 @@ impl Blit {
                     let (mut dv, mut sv) = ([0u8; 8], [0u8; 8]);
                     dv.copy_from_slice(d);
                     sv.copy_from_slice(s);
-                    let v = rop3(
-                        self.rop,
-                        pat,
-                        u64::from_le_bytes(sv),
-                        u64::from_le_bytes(dv),
-                    );
+                    let v = rop.apply(u64::from_le_bytes(sv), u64::from_le_bytes(dv));
                     d.copy_from_slice(&v.to_le_bytes());
                 }
             }
-            mem.write(dst.row(r), &dbuf[..rb])?;
-            stats.bytes_written += dst.row_bytes;
+            dmap.write_row(r, &dbuf[..rb]);
         }
-        Ok(stats)
     }
 }
 
-/// Fills every row of `dst` with the replicated 8-byte `value`.
-fn fill(mem: &mut Mem<'_>, dst: Image, value: u64) -> Result<OpStats, ExecError> {
+/// Where source rows come from when they go through row buffers.
+enum SrcRows<'m> {
+    /// Read from memory, row by row.
+    Map(&'m RowMap<'m>),
+    /// A copy taken before any write (overlap with different pitches): rows of `row_bytes`.
+    Aside(Vec<u8>),
+}
+
+/// Stores the 8-byte `value` (repeating from each row's start) into every row.
+fn fill(dmap: &RowMap<'_>, value: u64) {
     let bytes = value.to_le_bytes();
     let uniform = bytes.iter().all(|&b| b == bytes[0]);
-    let row: Vec<u8> = if uniform {
-        Vec::new()
-    } else {
-        bytes
-            .iter()
-            .copied()
-            .cycle()
-            .take(usize_of(dst.row_bytes))
-            .collect()
-    };
-    for r in 0..dst.rows {
-        if uniform {
-            mem.fill(dst.row(r), dst.row_bytes, bytes[0])?;
-        } else {
-            mem.write(dst.row(r), &row)?;
-        }
+    for r in 0..dmap.rows().count {
+        dmap.write_spans(r, |off, span| {
+            if uniform {
+                span.fill(bytes[0]);
+            } else {
+                let bits = u32::try_from(off % 8).unwrap_or(0) * 8;
+                span.store_pattern(value.rotate_right(bits));
+            }
+        });
     }
-    Ok(OpStats {
-        bytes_read: 0,
-        bytes_written: dst.rows * dst.row_bytes,
-    })
 }
 
-/// `SRCCOPY`: host-to-host row copies, in the given direction (one copy when both images are
-/// dense and do not overlap).
-fn copy(
-    mem: &mut Mem<'_>,
-    dst: Image,
-    src: Image,
-    overlap: bool,
-    backwards: bool,
-) -> Result<OpStats, ExecError> {
-    let total = dst.rows * dst.row_bytes;
-    if !overlap && dst.pitch == dst.row_bytes && src.pitch == src.row_bytes {
-        mem.copy(dst.va, src.va, total)?;
-    } else {
-        for i in 0..dst.rows {
-            let r = if backwards { dst.rows - 1 - i } else { i };
-            mem.copy(dst.row(r), src.row(r), dst.row_bytes)?;
-        }
+/// A ROP without S: updates every row in place, 8 bytes at a time.
+fn update(dmap: &RowMap<'_>, rop: PatRop) {
+    for r in 0..dmap.rows().count {
+        dmap.write_spans(r, |off, span| {
+            let m = rop.at(off);
+            span.update_words(|d| m.apply(0, d));
+        });
     }
-    Ok(OpStats {
-        bytes_read: total,
-        bytes_written: total,
-    })
 }
 
 #[cfg(test)]
@@ -378,7 +391,14 @@ mod tests {
         );
         for rop in 0..=255u8 {
             let want = reference::rop3_bits(rop, p, s, d);
-            assert_eq!(rop3(rop, p, s, d), want, "rop {rop:#x}");
+            assert_eq!(PatRop::new(rop, p).apply(s, d), want, "rop {rop:#x}");
+            // A piece starting 3 bytes into a row sees the pattern from its byte 3 on.
+            let (s3, d3) = (s.rotate_right(24), d.rotate_right(24));
+            assert_eq!(
+                PatRop::new(rop, p).at(11).apply(s3, d3),
+                want.rotate_right(24),
+                "rop {rop:#x} at 11"
+            );
             assert_eq!(
                 uses_s(rop),
                 (0..8).any(|i| (rop >> i) & 1 != (rop >> (i ^ 2)) & 1)

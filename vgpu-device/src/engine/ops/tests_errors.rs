@@ -6,7 +6,8 @@ use vgpu_abi::cmd::enc::{self, Copy, Csc};
 use vgpu_abi::cmd::{self, AuditReason, Header};
 use vgpu_abi::PAGE_SIZE;
 
-use super::tests::{op, random_bytes, run_with, MEM};
+use super::reference;
+use super::tests::{op, random_bytes, run_in, run_with, Layout, MEM};
 use super::*;
 use crate::mem::{BufferTranslate, FaultKind};
 #[test]
@@ -276,4 +277,66 @@ fn test_op_engine_and_footprint_shapes() {
     );
     let z = op(&enc::color_blt(cmd::ROP_PATCOPY, 2, 0x1000, 256, 0, 3, 0));
     assert!(z.footprint(None).unwrap().is_empty());
+}
+
+#[test]
+fn test_blit_translates_only_pages_its_rows_touch() {
+    // Rows two pages apart: the pages between them may be unmapped; a page a row touches
+    // faults (destination or source), before anything is written. Source pages may be
+    // read-only. Dense rows (processed as one) fault the same way.
+    let init = random_bytes(5, MEM);
+    let page = PAGE_SIZE as usize;
+    let c = Copy {
+        rop: cmd::ROP_SRCPAINT,
+        bpp: 2,
+        dst: 10 * PAGE_SIZE + 50,
+        dst_pitch: 2 * PAGE_SIZE as u32 + 100,
+        src: 30 * PAGE_SIZE + 100,
+        src_pitch: 2 * PAGE_SIZE as u32,
+        width: 50,
+        height: 3,
+        pattern: 0,
+    };
+    let blit = enc::src_copy_blt(c);
+    let fill = enc::color_blt(
+        cmd::ROP_PATINVERT,
+        2,
+        c.dst,
+        c.dst_pitch,
+        c.width,
+        c.height,
+        0x1234_5678,
+    );
+    let dense = enc::color_blt(cmd::ROP_PATCOPY, 0, 40 * PAGE_SIZE + 7, 3000, 3000, 5, 0x77);
+    let gaps = [11, 13, 31, 33];
+    let zeroed = |mut m: Vec<u8>, pages: &[usize]| {
+        pages
+            .iter()
+            .for_each(|&p| m[p * page..(p + 1) * page].fill(0));
+        m
+    };
+    for layout in [Layout::Scrambled, Layout::Runs] {
+        let mut want = zeroed(init.clone(), &gaps);
+        reference::blit(&mut want, &c, true);
+        let (res, out) = run_in(layout, &[&blit], &init, &gaps, &[30, 32, 34]);
+        res.expect("pages between rows are not touched");
+        assert!(out == want, "{layout:?}");
+        for (cmds, bad, va) in [
+            (&blit[..], 14, 14 * PAGE_SIZE),
+            (&blit[..], 34, 34 * PAGE_SIZE),
+            (&fill[..], 12, 12 * PAGE_SIZE),
+            (&dense[..], 42, 42 * PAGE_SIZE),
+        ] {
+            let (res, out) = run_in(layout, &[cmds], &init, &[bad], &[]);
+            assert_eq!(
+                res.unwrap_err(),
+                ExecError::Fault(Fault {
+                    va: GpuVa(va),
+                    kind: FaultKind::NotMapped
+                }),
+                "{layout:?} page {bad}"
+            );
+            assert!(out == zeroed(init.clone(), &[bad]), "{layout:?} page {bad}");
+        }
+    }
 }
