@@ -21,6 +21,8 @@ use vgpu_device::phys::{profiles, PhysGpuConfig};
 use vgpu_device::sched::SchedConfig;
 
 /// Serve mediated vGPUs of a software GPU over vfio-user, managed through a REST API.
+// The field docs are clap's help text, where `[...]` means optional, not a link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {

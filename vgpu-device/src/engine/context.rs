@@ -2,7 +2,7 @@
 //! state (HEAD, ACTHD, fence, status, error) and the counters.
 //!
 //! The MMIO path (doorbells, resets) and the engine worker that executes the context share it.
-//! The worker holds [`EngineContext::exec`] while it runs a slice and checks
+//! The worker holds [`EngineContext::exec_lock`] while it runs a slice and checks
 //! [`EngineContext::stop_requested`] between commands, so a reset waits at most one command.
 
 use std::collections::VecDeque;
