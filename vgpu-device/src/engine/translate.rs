@@ -49,6 +49,15 @@ impl Translate for GgttTranslate<'_> {
         }
         Ok(hp)
     }
+
+    fn may_join(&self) -> bool {
+        true
+    }
+
+    /// Adjacent pages of the vGPU's local memory (one mapping); guest RAM is never joined.
+    fn joins(&self, a: HostPage, b: HostPage) -> bool {
+        self.shared.lmem().joins(a, b)
+    }
 }
 
 /// Most leaf pages one PPGTT shadow may hold, and most tables a walk may visit: a guest cannot
@@ -323,6 +332,15 @@ impl Translate for ContextTranslate<'_> {
             self.shared.dirty.note_write(hp, self.dma);
         }
         Ok(hp)
+    }
+
+    fn may_join(&self) -> bool {
+        true
+    }
+
+    /// Adjacent pages of the vGPU's local memory (one mapping); guest RAM is never joined.
+    fn joins(&self, a: HostPage, b: HostPage) -> bool {
+        self.shared.lmem().joins(a, b)
     }
 }
 

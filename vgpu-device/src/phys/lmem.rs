@@ -242,6 +242,19 @@ impl LmemSlice {
         }
     }
 
+    /// Whether host page `b` directly follows host page `a` with both inside this slice: the
+    /// slice is one mapping, so a single access may run from `a` into `b`
+    /// ([`crate::mem::Translate::joins`]).
+    pub fn joins(&self, a: HostPage, b: HostPage) -> bool {
+        let (Some(first), Ok(len)) = (self.page(LmemOffset(0)), usize::try_from(self.size)) else {
+            return false;
+        };
+        let lo = first.as_ptr() as usize;
+        let (a, b) = (a.as_ptr() as usize, b.as_ptr() as usize);
+        // `b > a >= lo`; its page must end inside the slice.
+        a >= lo && a.checked_add(PAGE_BYTES) == Some(b) && b - lo + PAGE_BYTES <= len
+    }
+
     /// The page holding `offset` (page offset ignored), or `None` outside the slice.
     pub fn page(&self, offset: LmemOffset) -> Option<HostPage> {
         self.mem.page(self.host_offset(offset)?)
@@ -384,6 +397,21 @@ mod tests {
         s.scrub().unwrap();
         m.read(HostLmemOffset(MIB), &mut b).unwrap();
         assert_eq!(b, [0; 3]);
+    }
+
+    #[test]
+    fn test_slice_joins_only_adjacent_pages_inside_itself() {
+        let m = Arc::new(LocalMemory::new(4 * MIB).unwrap());
+        let s = LmemSlice::new(m.clone(), HostLmemOffset(MIB), MIB).unwrap();
+        let page = |o: u64| m.page(HostLmemOffset(o)).unwrap();
+        let last = 2 * MIB - PAGE_SIZE;
+        assert!(s.joins(page(MIB), page(MIB + PAGE_SIZE)));
+        assert!(s.joins(page(last - PAGE_SIZE), page(last)));
+        assert!(!s.joins(page(last), page(2 * MIB)), "into the next slice");
+        assert!(!s.joins(page(MIB - PAGE_SIZE), page(MIB)), "from the previous slice");
+        assert!(!s.joins(page(MIB + PAGE_SIZE), page(MIB)), "backwards");
+        assert!(!s.joins(page(MIB), page(MIB + 2 * PAGE_SIZE)), "a page apart");
+        assert!(!s.joins(page(MIB), page(MIB)));
     }
 
     #[test]
