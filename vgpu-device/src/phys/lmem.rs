@@ -408,9 +408,15 @@ mod tests {
         assert!(s.joins(page(MIB), page(MIB + PAGE_SIZE)));
         assert!(s.joins(page(last - PAGE_SIZE), page(last)));
         assert!(!s.joins(page(last), page(2 * MIB)), "into the next slice");
-        assert!(!s.joins(page(MIB - PAGE_SIZE), page(MIB)), "from the previous slice");
+        assert!(
+            !s.joins(page(MIB - PAGE_SIZE), page(MIB)),
+            "from the previous slice"
+        );
         assert!(!s.joins(page(MIB + PAGE_SIZE), page(MIB)), "backwards");
-        assert!(!s.joins(page(MIB), page(MIB + 2 * PAGE_SIZE)), "a page apart");
+        assert!(
+            !s.joins(page(MIB), page(MIB + 2 * PAGE_SIZE)),
+            "a page apart"
+        );
         assert!(!s.joins(page(MIB), page(MIB)));
     }
 
