@@ -65,16 +65,7 @@ impl Snapshot {
         id: impl Into<String>,
         state: &T,
     ) -> Result<Self, SnapshotError> {
-        let id = id.into();
-        let bytes = postcard::to_stdvec(state).map_err(|source| SnapshotError::Codec {
-            id: id.clone(),
-            source,
-        })?;
-        Ok(Snapshot {
-            id,
-            state: Some(bytes),
-            children: BTreeMap::new(),
-        })
+        Self::with_state_capacity(id, state, 0)
     }
 
     /// [`Snapshot::with_state`] serialized into a buffer of `capacity` bytes: a large state
