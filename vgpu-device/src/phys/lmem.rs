@@ -128,6 +128,79 @@ impl LocalMemory {
         Ok(())
     }
 
+    /// Writes `bufs` back to back from `offset` through the memfd (`pwritev`) rather than the
+    /// mapping: filling memory that was never touched (after a scrub, say) this way lets the
+    /// kernel allocate its pages without a page fault each — about twice as fast for a restore.
+    /// Falls back to copying through the mapping if the file write fails.
+    pub fn write_vectored(&self, offset: HostLmemOffset, bufs: &[&[u8]]) -> Result<(), PhysError> {
+        /// iovecs per `pwritev` (the kernel takes up to `IOV_MAX`, 1024).
+        const BATCH: usize = 256;
+        let total = bufs
+            .iter()
+            .try_fold(0usize, |t, b| t.checked_add(b.len()))
+            .ok_or(PhysError::OutOfRange {
+                offset: offset.raw(),
+                len: u64::MAX,
+            })?;
+        let mut pos = self.range(offset, total)?;
+        // The parts not yet written: `bufs[next..]`, the first of them from byte `skip`.
+        let (mut next, mut skip) = (0, 0);
+        while next < bufs.len() {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; BATCH];
+            let mut n = 0;
+            for (k, b) in bufs[next..].iter().take(BATCH).enumerate() {
+                let b = if k == 0 { &b[skip..] } else { b };
+                iov[n] = libc::iovec {
+                    iov_base: b.as_ptr().cast_mut().cast(),
+                    iov_len: b.len(),
+                };
+                n += 1;
+            }
+            #[allow(clippy::cast_possible_truncation)] // n <= BATCH = 256.
+            let count = n as libc::c_int;
+            let written = match libc::off_t::try_from(pos) {
+                // SAFETY: `iov[..n]` describes live, readable byte slices of `bufs` (the kernel
+                // only reads them); the file range lies inside the memfd (checked above).
+                Ok(at) => unsafe { libc::pwritev(self.fd.as_raw_fd(), iov.as_ptr(), count, at) },
+                Err(_) => -1,
+            };
+            let written = usize::try_from(written).ok();
+            if written.is_none() && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+            {
+                continue;
+            }
+            // Nothing written (an error, or a write that makes no progress): copy the rest
+            // through the mapping.
+            let Some(mut written) = written.filter(|&w| w > 0) else {
+                for (k, b) in bufs[next..].iter().enumerate() {
+                    let b = if k == 0 { &b[skip..] } else { b };
+                    // SAFETY: inside the checked range, as in `write`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            b.as_ptr(),
+                            self.ptr.as_ptr().add(pos),
+                            b.len(),
+                        )
+                    }
+                    pos += b.len();
+                }
+                return Ok(());
+            };
+            pos += written;
+            // Advance over what was written (possibly a partial write).
+            while next < bufs.len() && written >= bufs[next].len() - skip {
+                written -= bufs[next].len() - skip;
+                next += 1;
+                skip = 0;
+            }
+            skip += written;
+        }
+        Ok(())
+    }
+
     /// The page holding `offset` (its offset inside the page is ignored), or `None` outside
     /// local memory. The page stays valid while `self` is borrowed.
     pub fn page(&self, offset: HostLmemOffset) -> Option<HostPage> {
@@ -272,6 +345,13 @@ impl LmemSlice {
             .write(self.host_range(offset, buf.len() as u64)?, buf)
     }
 
+    /// Writes `bufs` back to back from `offset` through the memfd
+    /// ([`LocalMemory::write_vectored`]).
+    pub fn write_vectored(&self, offset: LmemOffset, bufs: &[&[u8]]) -> Result<(), PhysError> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.mem.write_vectored(self.host_range(offset, len)?, bufs)
+    }
+
     /// Zeroes the whole slice.
     pub fn scrub(&self) -> Result<(), PhysError> {
         self.mem.scrub(self.base, self.size)
@@ -397,6 +477,43 @@ mod tests {
         s.scrub().unwrap();
         m.read(HostLmemOffset(MIB), &mut b).unwrap();
         assert_eq!(b, [0; 3]);
+    }
+
+    #[test]
+    fn test_write_vectored_lands_like_write_across_batches() {
+        let m = Arc::new(LocalMemory::new(4 * MIB).unwrap());
+        let s = LmemSlice::new(m.clone(), HostLmemOffset(MIB), 2 * MIB).unwrap();
+        // 300 pieces of odd sizes (more than one pwritev batch), one of them empty.
+        let data: Vec<Vec<u8>> = (0..300u32)
+            .map(|i| {
+                let len = if i == 7 {
+                    0
+                } else {
+                    1 + (i as usize * 37) % 5000
+                };
+                (0..len)
+                    .map(|k| (i as usize + k).to_le_bytes()[0])
+                    .collect()
+            })
+            .collect();
+        let bufs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        let want: Vec<u8> = data.concat();
+        s.write_vectored(LmemOffset(123), &bufs).unwrap();
+        let mut got = vec![0u8; want.len()];
+        s.read(LmemOffset(123), &mut got).unwrap();
+        assert!(
+            got == want,
+            "written through the fd, read through the mapping"
+        );
+        let mut before = [1u8; 123];
+        s.read(LmemOffset(0), &mut before).unwrap();
+        assert_eq!(before, [0; 123], "nothing before the offset");
+        // Out of range: refused, nothing written.
+        let big = vec![9u8; 4096];
+        let e = s.write_vectored(LmemOffset(2 * MIB - 4096), &[&big, &big]);
+        assert!(e.is_err());
+        assert_eq!(pread(&m, 3 * MIB - 4096, 1), vec![0]);
+        assert!(s.write_vectored(LmemOffset(u64::MAX), &[&big]).is_err());
     }
 
     #[test]

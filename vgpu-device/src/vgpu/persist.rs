@@ -313,9 +313,22 @@ impl Vgpu {
         s.audit.set_total(audits);
         if let Some(l) = lmem {
             s.lmem().scrub().map_err(|e| invalid(e.to_string()))?;
-            for &(i, data) in &l.pages {
+            // Runs of consecutive pages in one `pwritev` each: the memory was just scrubbed,
+            // and writing through the file spares a page fault per page.
+            let mut run: Vec<&[u8]> = Vec::new();
+            let mut pages = l.pages.iter().peekable();
+            while let Some(&(first, data)) = pages.next() {
+                run.clear();
+                run.push(data);
+                while let Some(&&(i, d)) = pages.peek() {
+                    if i != first + run.len() as u64 {
+                        break;
+                    }
+                    run.push(d);
+                    pages.next();
+                }
                 s.lmem()
-                    .write(LmemOffset(i * PAGE_SIZE), data)
+                    .write_vectored(LmemOffset(first * PAGE_SIZE), &run)
                     .map_err(|e| invalid(e.to_string()))?;
             }
         }
