@@ -2,6 +2,8 @@
 //! (the code Cloud Hypervisor runs) and a shared-memory guest RAM, and the guest driver with
 //! `vgpu_device::driver::Driver` over the resulting BAR accesses.
 
+pub mod workload;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -7,8 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vgpu_abi::cmd::{enc, BPP_32, ROP_PATCOPY, ROP_SRCCOPY};
-use vgpu_abi::gtt::pte_guest;
 use vgpu_abi::{regs, Engine, PAGE_SIZE};
 use vgpu_api::daemon::VgpuSpec;
 use vgpu_api::migrate::{
@@ -16,6 +14,7 @@ use vgpu_api::migrate::{
 };
 use vgpu_device::driver::Driver;
 use vgpu_device::vgpu::GttMode;
+use vgpu_integration_tests::workload::{aperture, seed_ram, setup, step};
 use vgpu_integration_tests::*;
 use vgpu_migration::{Phase, SourceConfig};
 
@@ -29,62 +28,6 @@ fn spec(gtt: GttMode, name: &str) -> VgpuSpec {
         name: Some(name.into()),
         weight: None,
     }
-}
-
-fn seed_ram(ram: &Mapping) {
-    // 64 pages of deterministic source data in guest RAM.
-    for p in 0..64u64 {
-        let page: Vec<u8> = (0..PAGE_SIZE)
-            .map(|i| ((i * 7 + p * 13) % 251) as u8)
-            .collect();
-        ram.write(p * PAGE_SIZE, &page);
-    }
-}
-
-/// One step of the workload: a CPU write through the aperture, a blit from guest RAM and a fill,
-/// all into places that depend only on `i`.
-fn step(d: &mut Driver<Vmm>, i: u32) {
-    let cpu: Vec<u8> = (0..PAGE_SIZE)
-        .map(|b| (b as u32 ^ i.wrapping_mul(31)) as u8)
-        .collect();
-    d.lmem_write(0x200_0000 + u64::from(i) * PAGE_SIZE, &cpu);
-    let src_gm = d.pv().hidden_base + u64::from(i % 64) * PAGE_SIZE;
-    let copy = enc::src_copy_blt(enc::Copy {
-        rop: ROP_SRCCOPY,
-        bpp: BPP_32,
-        dst: d.gm_of_lmem(0x100_0000 + u64::from(i) * PAGE_SIZE),
-        dst_pitch: 256,
-        src: src_gm,
-        src_pitch: 256,
-        width: 64,
-        height: 16,
-        pattern: 0,
-    });
-    let fill = enc::color_blt(
-        ROP_PATCOPY,
-        BPP_32,
-        d.gm_of_lmem(0x300_0000 + u64::from(i) * 0x2000),
-        512,
-        128,
-        16,
-        0x0101_0101 * i,
-    );
-    d.submit(Engine::Blit, &[copy.as_slice(), &fill].concat())
-        .unwrap();
-}
-
-fn setup(d: &mut Driver<Vmm>) {
-    let h = d.pv().hidden_base;
-    for p in 0..64u64 {
-        d.map_gm(h + p * PAGE_SIZE, pte_guest(RAM_GPA + p * PAGE_SIZE));
-    }
-    d.setup_ring(Engine::Blit).unwrap();
-}
-
-fn aperture(d: &mut Driver<Vmm>) -> Vec<u8> {
-    let mut b = vec![0u8; 0x400_0000];
-    d.lmem_read(0, &mut b);
-    b
 }
 
 /// The reference: the whole workload on one vGPU, no interruption.
